@@ -71,13 +71,17 @@ class Classifier(pl.LightningModule):
             loss = loss + self.l1 * sum(p.abs().sum() for p in self.net.parameters() if p.requires_grad)
         return loss
 
-    def on_train_epoch_end(self):
+    def _log_train_epoch(self):
         loss = self.train_loss.compute()
         self.log_dict({"train/loss": loss, "train/acc": self.train_acc.compute()})
         self.train_loss.reset()
         self.train_acc.reset()
         if not math.isfinite(loss.item()):  # one host sync per epoch
-            raise Diverged(f"training loss is {loss.item()} after epoch {self.current_epoch}")
+            raise Diverged(f"training loss is {loss.item()} in epoch {self.current_epoch}")
+
+    def on_train_epoch_end(self):
+        if self.train_loss.update_count:  # no validation ran at the end of this epoch
+            self._log_train_epoch()
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -90,6 +94,10 @@ class Classifier(pl.LightningModule):
         self.log_dict({"val/loss": self.val_loss.compute(), **values})
         self.val_loss.reset()
         self.val_metrics.reset()
+        # Train metrics are logged here too, so that callbacks that run at validation end (pruning,
+        # checkpointing) see this epoch's complete set of metrics.
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking and self.train_loss.update_count:
+            self._log_train_epoch()
 
     def test_step(self, batch, batch_idx):
         x, y = batch

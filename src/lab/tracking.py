@@ -25,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pytorch_lightning.loggers import MLFlowLogger  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
+from lab.errors import Interrupted, StopRun  # noqa: E402
+
 PACKAGES = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "hydra-core", "mlflow", "optuna")
 DEFAULT_URI = "sqlite:///mlflow.db"
 MAX_PARAM_CHARS = 6000  # MLflow's server-side limit for one param value
@@ -97,10 +99,14 @@ def run(uri: str, experiment: str, run_name: str | None = None, parent_run_id: s
     run_id = created.info.run_id
     try:
         yield client, run_id
-    except (KeyboardInterrupt, SystemExit) as stop:
+    except (KeyboardInterrupt, SystemExit, Interrupted) as stop:
         # Lightning turns Ctrl-C inside fit into sys.exit(1): both mean "interrupted", not "crashed".
         client.set_tag(run_id, "lab.end", type(stop).__name__)
         client.set_terminated(run_id, "KILLED")
+        raise
+    except StopRun as stop:
+        client.set_tag(run_id, "lab.stopped", str(stop)[:5000])
+        client.set_terminated(run_id, "FINISHED")
         raise
     except BaseException as err:
         client.set_tag(run_id, "lab.error", f"{type(err).__name__}: {err}"[:5000])

@@ -1,0 +1,57 @@
+"""The terminal view of a running sweep: counts, best so far, one line per worker. Redrawn in place on a
+terminal; elsewhere (logs, CI) a line is printed only when something changed."""
+import json
+import sys
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+from lab.pool import Pool
+from lab.spec import Sweep
+
+
+def lines(sweep: Sweep, study: optuna.Study, pool: Pool, started: float) -> list[str]:
+    trials = study.get_trials(deepcopy=False)
+    count = {s: sum(t.state == s for t in trials) for s in TrialState}
+    elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - started))
+    out = [f"{sweep.spec.study}  complete {count[TrialState.COMPLETE]}  running {count[TrialState.RUNNING]}"
+           f"  pruned {count[TrialState.PRUNED]}  failed {count[TrialState.FAIL]}  of {sweep.spec.n_trials}"
+           f"  [{elapsed}]"]
+    if count[TrialState.COMPLETE]:
+        best = study.best_trial
+        out.append(f"best {sweep.spec.metric}={best.value:.4f} (trial {best.number}) {json.dumps(best.params)}")
+    running = {t.user_attrs.get("worker"): t for t in trials if t.state == TrialState.RUNNING}
+    for slot in pool.slots:
+        trial = running.get(slot.name)
+        if trial is not None:
+            epoch = max(trial.intermediate_values, default=None)
+            where = f"trial {trial.number}" + (f" epoch {epoch + 1}" if epoch is not None else "")
+        else:
+            where = "running" if pool.alive(slot.name) else "done"
+        out.append(f"  {slot.name:<8} {slot.device:<7} {where}")
+    return out
+
+
+class LiveView:
+    def __init__(self, stream=sys.stdout, live: bool | None = None):
+        self.stream = stream
+        self.live = stream.isatty() if live is None else live
+        self.shown = 0
+        self.last: list[str] = []
+
+    def show(self, text: list[str]) -> None:
+        if self.live:
+            up = f"\x1b[{self.shown}F\x1b[J" if self.shown else ""
+            self.stream.write(up + "\n".join(text) + "\n")
+            self.shown = len(text)
+        elif self.changed(text):
+            best = text[1] if len(text) > 1 and text[1].startswith("best") else ""
+            self.stream.write(text[0] + (f"  {best}" if best else "") + "\n")
+        self.stream.flush()
+        self.last = text
+
+    def changed(self, text: list[str]) -> bool:
+        counts = lambda t: t[0].rsplit("  [", 1)[0] if t else ""  # noqa: E731 - the first line less its clock
+        best = lambda t: t[1] if len(t) > 1 and t[1].startswith("best") else ""  # noqa: E731
+        return counts(text) != counts(self.last) or best(text) != best(self.last)

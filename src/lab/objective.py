@@ -1,0 +1,62 @@
+"""One trial: Optuna's sampled params -> Hydra overrides -> train.run with a pruning callback -> value."""
+import math
+from pathlib import Path
+
+import optuna
+import pytorch_lightning as pl
+
+from lab import config, train
+from lab.errors import LabError, StopRun
+from lab.module import Diverged
+from lab.spec import Sweep
+
+
+class Pruned(StopRun):
+    pass
+
+
+class PruningCallback(pl.Callback):
+    """Reports the sweep metric after every validation; a non-finite value fails the trial as diverged."""
+
+    def __init__(self, trial: optuna.Trial, metric: str):
+        self.trial, self.metric = trial, metric
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+            return  # test/* metrics exist only at the end
+        value, epoch = float(trainer.callback_metrics[self.metric]), trainer.current_epoch
+        if not math.isfinite(value):
+            raise Diverged(f"{self.metric} is {value} in epoch {epoch}")
+        self.trial.report(value, step=epoch)
+        if self.trial.should_prune():
+            raise Pruned(f"pruned in epoch {epoch} with {self.metric}={value:.6g}")
+
+
+def trial_overrides(sweep: Sweep, trial: optuna.Trial) -> list[str]:
+    # Workers are quiet: no progress bar or model summary per trial; the sweep's live view reports.
+    return [*sweep.base_overrides, *sweep.trial_overrides(trial.params), f"mlflow.experiment={sweep.mlflow_experiment}",
+            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def run_trial(sweep: Sweep, trial: optuna.Trial, out_dir: Path, parent_run_id: str | None) -> float:
+    overrides = trial_overrides(sweep, trial)
+    cfg = config.load(overrides)
+    trial.set_user_attr("overrides", overrides)
+    tags = {"trial.number": str(trial.number), "study": sweep.spec.study,
+            "lab.command": "lab train " + " ".join(overrides)}
+
+    def record_run(client, run_id):
+        trial.set_user_attr("mlflow_run_id", run_id)
+
+    try:
+        metrics = train.run(cfg, out_dir / f"trial_{trial.number:04d}", (PruningCallback(trial, sweep.spec.metric),),
+                            parent_run_id=parent_run_id, run_name=f"trial-{trial.number}", tags=tags,
+                            on_run=record_run)
+    except Pruned as pruned:
+        raise optuna.TrialPruned(str(pruned)) from pruned
+    if sweep.spec.metric not in metrics:
+        raise LabError(f"metric {sweep.spec.metric!r} was not logged; logged: {sorted(metrics)}")
+    value = metrics[sweep.spec.metric]
+    if not math.isfinite(value):  # Optuna would store inf as COMPLETE
+        raise Diverged(f"{sweep.spec.metric} is {value}")
+    return value

@@ -1,0 +1,131 @@
+"""Worker processes on GPU slots (or CPU cores): placement, start, restart after a crash, stop on a signal.
+
+One process per slot, pinned with CUDA_VISIBLE_DEVICES, all sharing one Optuna storage (Optuna's advice
+for several GPUs); K slots per GPU pack small trials onto one device.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lab.errors import LabError
+
+MAX_RESTARTS = 3  # per slot: a worker that keeps dying is left dead rather than looping forever
+STOP_GRACE_S = 20
+
+
+@dataclass
+class Slot:
+    name: str  # gpu<id>.<k> or cpu<k>
+    device: str  # what the worker sees as its device, for the live view
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def parse_gpus(arg: str | None, visible: int) -> list[int]:
+    """--gpus: None = every visible GPU; 'none' or '' = CPU only; '0,2' = those ids."""
+    if arg is None:
+        return list(range(visible))
+    if arg.strip().lower() in ("", "none", "cpu"):
+        return []
+    try:
+        ids = [int(x) for x in arg.split(",") if x.strip()]
+    except ValueError as err:
+        raise LabError(f"--gpus={arg!r} is not valid: give comma-separated GPU ids such as 0,1, or 'none'.") from err
+    bad = [i for i in ids if not 0 <= i < visible]
+    if bad:
+        raise LabError(f"--gpus={arg!r}: GPU id(s) {bad} do not exist; this machine has {visible} visible GPU(s)"
+                       f"{' (ids 0..' + str(visible - 1) + ')' if visible else ''}.")
+    return sorted(set(ids))
+
+
+def auto_per_gpu(n_params: int, gpu_memory_bytes: int) -> int:
+    """Trials to pack per GPU. A small model leaves the GPU launch-bound (DESIGN.md: 8 processes on one H100
+    gave 6.8x one process for the 0.4M-parameter CNN), so pack until the rough memory estimate of a trial
+    (weights + grads + two Adam moments, fp32, times 4 for activations and the CUDA context's share)
+    would fill half the card, and never more than 8."""
+    per_trial = max(n_params * 4 * 4 * 4, 1 << 30)  # at least 1 GiB: context + cached data + workspace
+    return int(max(1, min(8, (gpu_memory_bytes // 2) // per_trial)))
+
+
+def placement(gpus: list[int], per_gpu: int, cpu_workers: int, cpu_count: int) -> list[Slot]:
+    if per_gpu < 1:
+        raise LabError(f"--workers-per-gpu={per_gpu} is not valid: it must be at least 1 (or 'auto').")
+    if gpus:
+        n = len(gpus) * per_gpu
+        threads = str(max(1, cpu_count // n))
+        return [Slot(f"gpu{g}.{k}", f"cuda:{g}", {"CUDA_VISIBLE_DEVICES": str(g), "LAB_TORCH_THREADS": threads})
+                for g in gpus for k in range(per_gpu)]
+    if cpu_workers < 1:
+        raise LabError(f"--workers={cpu_workers} is not valid: it must be at least 1.")
+    threads = str(max(1, cpu_count // cpu_workers))
+    return [Slot(f"cpu{k}", "cpu", {"CUDA_VISIBLE_DEVICES": "", "LAB_TORCH_THREADS": threads})
+            for k in range(cpu_workers)]
+
+
+class Pool:
+    """Starts `lab worker` processes, restarts crashed ones, and stops them all on request."""
+
+    def __init__(self, slots: list[Slot], worker_args: list[str], log_dir: Path):
+        self.slots, self.worker_args, self.log_dir = slots, worker_args, log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts = {s.name: 0 for s in slots}
+        self.finished: set[str] = set()  # slots whose worker exited 0: the budget is spent
+
+    def _start(self, slot: Slot) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{slot.name}.log", "a")
+        env = {**os.environ, **slot.env, "LAB_SPAWNED": "1", "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "lab.cli", "worker", *self.worker_args, "--worker-id", slot.name]
+        # Own session: a Ctrl-C in the terminal reaches the parent only, which stops workers in order.
+        self.procs[slot.name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+
+    def start(self) -> None:
+        for slot in self.slots:
+            self._start(slot)
+
+    def poll(self) -> list[str]:
+        """Restart crashed workers; returns the names of those that crashed since the last poll."""
+        crashed = []
+        for slot in self.slots:
+            proc = self.procs.get(slot.name)
+            if proc is None or slot.name in self.finished:
+                continue
+            code = proc.poll()
+            if code is None:
+                continue
+            if code == 0:
+                self.finished.add(slot.name)
+                continue
+            crashed.append(slot.name)
+            if self.restarts[slot.name] < MAX_RESTARTS:
+                self.restarts[slot.name] += 1
+                self._start(slot)
+            else:
+                self.finished.add(slot.name)
+        return crashed
+
+    @property
+    def running(self) -> bool:
+        return any(p.poll() is None for p in self.procs.values())
+
+    def alive(self, name: str) -> bool:
+        proc = self.procs.get(name)
+        return proc is not None and proc.poll() is None
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM to every worker (each marks its trial and ends its MLflow run KILLED), SIGKILL after grace."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        end = time.time() + grace_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, end - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

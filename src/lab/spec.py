@@ -1,0 +1,209 @@
+"""The sweep file: its schema, and every check that must pass before a single worker starts.
+
+Optuna validates a distribution only when a trial samples it, and then the whole optimize() aborts;
+building every distribution here surfaces low > high, log with low <= 0 and empty choices up front.
+"""
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lab import config
+from lab.errors import LabError
+
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc")
+PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
+DIRECTIONS = ("maximize", "minimize")
+PARAM_TYPES = ("float", "int", "categorical")
+EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro")
+FINAL_METRICS = ("test/loss", "test/acc", "test/precision_macro", "test/recall_macro", "test/f1_macro")
+
+
+@dataclass
+class ParamSpec:
+    type: str = "float"
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    step: Optional[float] = None
+    choices: Optional[list[Any]] = None
+
+
+@dataclass
+class SweepSpec:
+    study: str = "???"
+    experiment: Optional[str] = None  # conf/experiment/NAME.yaml, the base of every trial
+    overrides: list[str] = field(default_factory=list)
+    metric: str = "val/acc"
+    direction: str = "maximize"
+    n_trials: int = 20  # total for the study, across resumes
+    timeout: Optional[float] = None  # seconds from this launch; no new trial starts after it
+    sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe", "seed": 0})
+    pruner: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    params: dict[str, ParamSpec] = field(default_factory=dict)
+    enqueue: list[dict[str, Any]] = field(default_factory=list)  # configurations to try first
+    mlflow_experiment: Optional[str] = None  # default: the study name
+
+
+def encode_choice(value: Any) -> Any:
+    """Optuna's categorical choices must be None/bool/int/float/str; lists travel as their override text."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+def override_value(value: Any) -> str:
+    """A Python value as Hydra override text: json covers numbers, bools, null, lists; bare words stay bare."""
+    if isinstance(value, str):
+        if value.startswith(("[", "{")) or value.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            return value
+        return json.dumps(value)
+    return json.dumps(value)
+
+
+def distribution(name: str, p: ParamSpec) -> optuna.distributions.BaseDistribution:
+    if p.type not in PARAM_TYPES:
+        raise LabError(f"params.{name}.type={p.type!r} is not valid: choose one of {list(PARAM_TYPES)}.")
+    try:
+        if p.type == "categorical":
+            if not p.choices:
+                raise LabError(f"params.{name}.choices is empty or missing: list at least one value.")
+            return optuna.distributions.CategoricalDistribution([encode_choice(c) for c in p.choices])
+        if p.low is None or p.high is None:
+            raise LabError(f"params.{name} ({p.type}) needs both low and high.")
+        if p.log and p.low <= 0:
+            raise LabError(f"params.{name}: log=true needs low > 0, got low={p.low}.")
+        if p.log and p.step is not None:
+            raise LabError(f"params.{name}: step and log=true cannot be combined (Optuna forbids it).")
+        if p.low > p.high:
+            raise LabError(f"params.{name}: low={p.low} is greater than high={p.high}.")
+        if p.type == "int":
+            if p.low != int(p.low) or p.high != int(p.high):
+                raise LabError(f"params.{name}: int bounds must be whole numbers, got low={p.low}, high={p.high}.")
+            return optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+        return optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+    except ValueError as err:  # what Optuna's own checks say, with the parameter named
+        raise LabError(f"params.{name}: {err}") from err
+
+
+def grid_values(name: str, dist) -> list:
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return list(dist.choices)
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        return list(range(dist.low, dist.high + 1, dist.step))
+    if dist.step is None:
+        raise LabError(f"params.{name}: the grid sampler needs a step for a float parameter (or use choices).")
+    n = int(math.floor((dist.high - dist.low) / dist.step + 1e-9)) + 1
+    return [round(dist.low + i * dist.step, 12) for i in range(n)]
+
+
+def contains(dist, value) -> bool:
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return encode_choice(value) in dist.choices
+    try:
+        return dist.low <= float(value) <= dist.high
+    except (TypeError, ValueError):
+        return False
+
+
+@dataclass
+class Sweep:
+    """A validated sweep: the spec plus its Optuna distributions and base overrides."""
+
+    spec: SweepSpec
+    path: Path
+    space: dict[str, optuna.distributions.BaseDistribution]
+    extra_overrides: list[str]
+
+    @property
+    def base_overrides(self) -> list[str]:
+        exp = [f"experiment={self.spec.experiment}"] if self.spec.experiment else []
+        return [*exp, *self.spec.overrides, *self.extra_overrides]
+
+    @property
+    def mlflow_experiment(self) -> str:
+        return self.spec.mlflow_experiment or self.spec.study
+
+    def trial_overrides(self, params: dict[str, Any]) -> list[str]:
+        return [f"{name}={override_value(value)}" for name, value in params.items()]
+
+    def space_json(self) -> str:
+        return json.dumps({k: optuna.distributions.distribution_to_json(d) for k, d in self.space.items()},
+                          sort_keys=True)
+
+
+def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None = None, check: bool = True) -> Sweep:
+    """check=False skips composing the config per parameter (workers the parent already checked for)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabError(f"sweep file {path} does not exist; shipped sweeps are in sweeps/*.yaml.")
+    try:
+        raw = OmegaConf.load(path)
+        spec_cfg = OmegaConf.merge(OmegaConf.structured(SweepSpec), raw)
+        spec: SweepSpec = OmegaConf.to_object(spec_cfg)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
+        raise LabError(f"{path}: invalid sweep file at {key!r}: {str(err).splitlines()[0]}. Valid keys: "
+                       f"{sorted(SweepSpec.__dataclass_fields__)}; each param takes "
+                       f"{sorted(ParamSpec.__dataclass_fields__)}.") from err
+    if n_trials is not None:
+        spec.n_trials = n_trials
+    check_spec(spec, path)
+    space = {name: distribution(name, p) for name, p in spec.params.items()}
+    sweep = Sweep(spec, path, space, list(extra_overrides))
+    if check:
+        check_paths(sweep)
+    for i, values in enumerate(spec.enqueue):
+        for name, value in values.items():
+            if name not in space:
+                raise LabError(f"enqueue[{i}] sets {name!r}, which is not a searched parameter {sorted(space)}.")
+            if not contains(space[name], value):
+                raise LabError(f"enqueue[{i}].{name}={value!r} lies outside its search space {space[name]}.")
+    if spec.sampler.get("name") == "grid":
+        grid_size = math.prod(len(grid_values(n, d)) for n, d in space.items())
+        if spec.n_trials > grid_size:
+            spec.n_trials = grid_size  # the grid is exhausted after this many trials
+    return sweep
+
+
+def check_spec(spec: SweepSpec, path: Path) -> None:
+    if spec.study in ("???", ""):
+        raise LabError(f"{path}: 'study' (the Optuna study name) is required.")
+    if spec.direction not in DIRECTIONS:
+        raise LabError(f"{path}: direction={spec.direction!r} is not valid: choose one of {list(DIRECTIONS)}.")
+    if spec.n_trials < 1:
+        raise LabError(f"{path}: n_trials={spec.n_trials} is not valid: it must be at least 1.")
+    known = spec.metric in EPOCH_METRICS + FINAL_METRICS or spec.metric.startswith("test/f1/")
+    if not known:
+        raise LabError(f"{path}: metric={spec.metric!r} is not a logged metric: choose one of "
+                       f"{list(EPOCH_METRICS + FINAL_METRICS)} or test/f1/<class>.")
+    if spec.sampler.get("name") not in SAMPLERS:
+        raise LabError(f"{path}: sampler.name={spec.sampler.get('name')!r} is not valid: choose one of {list(SAMPLERS)}.")
+    if spec.pruner.get("name", "none") not in PRUNERS:
+        raise LabError(f"{path}: pruner.name={spec.pruner.get('name')!r} is not valid: choose one of {list(PRUNERS)}.")
+    if not spec.params:
+        raise LabError(f"{path}: 'params' is empty: a sweep needs at least one parameter to search.")
+
+
+def check_paths(sweep: Sweep) -> None:
+    """Compose the real config with each parameter at its bounds: Hydra rejects unknown override paths."""
+    try:
+        config.load(sweep.base_overrides)
+    except Exception as err:  # noqa: BLE001 - any compose failure is the user's override
+        raise LabError(f"{sweep.path}: the base config does not compose ({sweep.base_overrides}): "
+                       f"{str(err).splitlines()[0]}") from err
+    for name, dist in sweep.space.items():
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            probes = list(dist.choices)
+        else:
+            probes = [dist.low, dist.high]
+        for value in probes:
+            try:
+                config.load([*sweep.base_overrides, *sweep.trial_overrides({name: value})])
+            except Exception as err:  # noqa: BLE001
+                raise LabError(f"{sweep.path}: parameter {name!r} = {value!r} cannot be applied to the config: "
+                               f"{str(err).splitlines()[0]}. Use a Hydra override path that exists, such as "
+                               "model.optimizer.lr, data.batch_size, data.image_size or model.net.dropout.") from err

@@ -1,0 +1,102 @@
+"""The sweep's parent MLflow run: created once per study, kept current with the best trial, and given
+the trials table and Optuna's plots at the end. Trials are child runs (tag mlflow.parentRunId)."""
+import csv
+import io
+import json
+import logging
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+from mlflow.entities import Param  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from lab import study as studies  # noqa: E402
+from lab import tracking  # noqa: E402
+from lab.spec import Sweep  # noqa: E402
+
+log = logging.getLogger(__name__)
+PARENT_ATTR = "mlflow_parent_run_id"
+
+
+def parent_run(study: optuna.Study, sweep: Sweep, uri: str, storage: str) -> str:
+    """The study's parent run id, created on first launch and reopened (RUNNING) on resume."""
+    client = MlflowClient(uri)
+    run_id = study.user_attrs.get(PARENT_ATTR)
+    if run_id:
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    exp_id = tracking.experiment_id(uri, sweep.mlflow_experiment)
+    tags = {**tracking.environment_tags(), **tracking.git_state(), "lab.sweep": "true", "study": sweep.spec.study}
+    run_id = client.create_run(exp_id, run_name=f"sweep-{sweep.spec.study}", tags=tags).info.run_id
+    spec = sweep.spec
+    params = {"study": spec.study, "experiment": spec.experiment, "overrides": json.dumps(sweep.base_overrides),
+              "metric": spec.metric, "direction": spec.direction, "n_trials": spec.n_trials,
+              "sampler": json.dumps(spec.sampler), "pruner": json.dumps(spec.pruner),
+              "storage": studies.mask_password(storage), "search_space": sweep.space_json()}
+    client.log_batch(run_id, params=[Param(k, str(v)[: tracking.MAX_PARAM_CHARS]) for k, v in params.items()])
+    client.log_text(run_id, sweep.path.read_text(), "sweep.yaml")
+    study.set_user_attr(PARENT_ATTR, run_id)
+    return run_id
+
+
+def update_best(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED,
+                                                                           TrialState.FAIL)}
+    for name, n in counts.items():
+        client.log_metric(run_id, f"trials_{name}", n, step=len(trials))
+    if not done:
+        return
+    best = study.best_trial
+    client.log_metric(run_id, "best_value", best.value, step=len(trials))
+    client.set_tag(run_id, "best_trial", str(best.number))
+    client.set_tag(run_id, "best_params", json.dumps(best.params))
+    client.set_tag(run_id, "best_value", f"{best.value:.6g}")
+    if best.user_attrs.get("mlflow_run_id"):
+        client.set_tag(run_id, "best_run_id", best.user_attrs["mlflow_run_id"])
+
+
+PLOTS = {
+    "optimization_history": optuna.visualization.matplotlib.plot_optimization_history,
+    "param_importances": optuna.visualization.matplotlib.plot_param_importances,
+    "parallel_coordinate": optuna.visualization.matplotlib.plot_parallel_coordinate,
+    "slice": optuna.visualization.matplotlib.plot_slice,
+}
+
+
+def log_summary(client: MlflowClient, run_id: str, study: optuna.Study) -> list[str]:
+    """trials.csv and one PNG per Optuna plot on the parent run; returns the names of plots that could not
+    be drawn (parameter importances need two completed trials with differing values, for example)."""
+    rows = studies.trial_table(study)
+    if rows:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        client.log_text(run_id, buf.getvalue(), "trials.csv")
+    skipped = []
+    for name, plot in PLOTS.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "experimental" notices on every matplotlib plot
+                axes = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as err:
+            log.info("plot %s skipped: %s", name, err)
+            skipped.append(name)
+            continue
+        first = axes.flat[0] if hasattr(axes, "flat") else axes
+        fig = first.figure
+        fig.set_size_inches(max(8, fig.get_size_inches()[0]), max(5, fig.get_size_inches()[1]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # parallel coordinates' colorbar axes are not tight_layout-able
+            fig.tight_layout()
+        client.log_figure(run_id, fig, f"plots/{name}.png")
+        plt.close(fig)
+    update_best(client, run_id, study)
+    return skipped

@@ -1,0 +1,160 @@
+"""One worker process: pull the next trial as soon as this one ends, until the study's budget is spent.
+
+Trials are asked and told by hand (not study.optimize) so that the budget check and the ask happen
+under one lock: n_trials is exact even with many workers. On RDB storage a thread keeps the trial's
+heartbeat, since Optuna records heartbeats only inside optimize().
+"""
+import contextlib
+import fcntl
+import gc
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from lab import study as studies
+from lab import sweep_tracking, tracking
+from lab.errors import Interrupted, LabError, raise_interrupted
+from lab.objective import run_trial
+from lab.spec import Sweep
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def budget_lock(path: Path | None):
+    """An exclusive file lock across the workers of one host; None (RDB across hosts) locks nothing."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial):
+    storage = study._storage  # noqa: SLF001 - the heartbeat API lives on the storage
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(studies.HEARTBEAT_S):
+            storage.record_heartbeat(trial._trial_id)  # noqa: SLF001
+
+    storage.record_heartbeat(trial._trial_id)  # noqa: SLF001
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def set_threads() -> None:
+    threads = int(os.environ.get("LAB_TORCH_THREADS", "0"))
+    if threads > 0:  # several workers on one CPU: split the cores instead of oversubscribing them
+        torch.set_num_threads(threads)
+
+
+def tag_run(uri: str, trial: optuna.trial.FrozenTrial | optuna.Trial, state: str, reason: str | None) -> None:
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        return
+    client = MlflowClient(uri)
+    client.set_tag(run_id, "trial.state", state)
+    if reason:
+        client.set_tag(run_id, "trial.reason", reason[:5000])
+
+
+def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, out_dir: Path, parent: str, uri: str) -> str:
+    """Runs the trial and tells Optuna how it ended; returns the state name."""
+    state, value, reason = TrialState.FAIL, None, None
+    try:
+        with heartbeat(study, trial):
+            value = run_trial(sweep, trial, out_dir, parent)
+        state = TrialState.COMPLETE
+    except optuna.TrialPruned as pruned:
+        state, reason = TrialState.PRUNED, str(pruned)
+    except Interrupted as stop:
+        reason = f"interrupted by {stop}"
+        trial.set_user_attr("fail_reason", reason)
+        studies.requeue(study, study.get_trials(deepcopy=False)[trial.number], reason)
+        tag_run(uri, trial, "INTERRUPTED", reason)
+        raise
+    except torch.cuda.OutOfMemoryError as err:
+        reason = f"out of memory: {str(err).splitlines()[0]}"
+        free_memory()
+    except Exception as err:  # noqa: BLE001 - a failing trial must not end the sweep
+        reason = f"{type(err).__name__}: {err}"
+        log.warning("trial %d failed: %s", trial.number, reason)
+        if "device-side assert" in str(err):  # the CUDA context is poisoned: end this worker, let it restart
+            trial.set_user_attr("fail_reason", reason)
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+    if reason:
+        trial.set_user_attr("fail_reason", reason[:2000])
+    study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+    tag_run(uri, trial, state.name, reason)
+    return state.name
+
+
+def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: float | None = None) -> int:
+    """Returns the number of trials this worker ran."""
+    set_threads()
+    signal.signal(signal.SIGTERM, raise_interrupted)
+    signal.signal(signal.SIGINT, raise_interrupted)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = studies.create_or_resume(sweep, storage, worker_id)
+    uri = tracking.tracking_uri()
+    parent = sweep_tracking.parent_run(study, sweep, uri, storage)
+    lock = None if studies.is_rdb(storage) else out_dir / "budget.lock"
+    host, ran = socket.gethostname(), 0
+    while True:
+        with budget_lock(lock):
+            if studies.is_rdb(storage):
+                optuna.storages.fail_stale_trials(study)
+            if studies.used_budget(study) >= sweep.spec.n_trials:
+                break
+            if deadline is not None and time.time() >= deadline:
+                log.info("timeout reached: no new trials")
+                break
+            trial = study.ask(sweep.space)
+            for key, value in {"worker": worker_id, "host": host, "pid": os.getpid(),
+                               "device": os.environ.get("CUDA_VISIBLE_DEVICES", "cpu") or "cpu"}.items():
+                trial.set_user_attr(key, value)
+        state = run_one(sweep, study, trial, out_dir, parent, uri)
+        ran += 1
+        log.info("trial %d %s", trial.number, state)
+        sweep_tracking.update_best(MlflowClient(uri), parent, study)
+    return ran
+
+
+def deadline_from(timeout: float | None, started: float) -> float | None:
+    if timeout is None:
+        return None
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise LabError(f"timeout={timeout} is not valid: give a positive number of seconds or leave it out.")
+    return started + timeout
