@@ -1,0 +1,43 @@
+# make demo: venv + install + the quickstart sweep; make test: the test suite; make ui: MLflow on 127.0.0.1.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LAB := $(VENV)/bin/lab
+PORT ?= 5000
+# This machine's pip serves these from its disk; elsewhere any torch>=2.4 with its torchvision works.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test test-fast ui dashboard bench bench-gpu clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: install
+	$(LAB) sweep sweeps/quickstart.yaml --workers 2
+	$(LAB) best sweeps/quickstart.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+ui: install
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
+
+dashboard: install
+	$(PY) -m pip install -q optuna-dashboard
+	$(VENV)/bin/optuna-dashboard --host 127.0.0.1 runs/quickstart/study.journal
+
+bench: install
+	$(PY) bench/run.py
+
+bench-gpu: install
+	$(PY) bench/run.py --gpu
+
+clean:
+	rm -rf outputs runs mlflow.db mlartifacts
