@@ -36,7 +36,8 @@ class Classifier(pl.LightningModule):
         self.class_names = list(class_names)
         self.label_smoothing, self.l1, self.scheduler_monitor = label_smoothing, l1, scheduler_monitor
         k = len(self.class_names)
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        # nan_strategy="disable": a NaN loss must poison the mean (and fail the run), not be dropped from it.
+        self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
         self.train_acc = MulticlassAccuracy(k, average="micro")
         self.val_metrics = MetricCollection(
             {"acc": MulticlassAccuracy(k, average="micro"), "f1_macro": MulticlassF1Score(k, average="macro")}

@@ -85,6 +85,8 @@ class CNN(nn.Module):
                 f"image size {h}x{w} is too small for a CNN with {len(channels)} pooling blocks: each halves the "
                 f"side, so it needs at least {need}x{need}. Raise data.image_size or use fewer model.net.channels."
             )
+        if kernel_size % 2 == 0:  # padding k//2 keeps the side only for odd k; the sizes below assume it does
+            raise LabError(f"model.net.kernel_size={kernel_size} is not valid: use an odd size (3, 5, 7).")
         pools = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
         if pool not in pools:
             raise LabError(f"pool={pool!r} is not known: choose one of {sorted(pools)}.")
@@ -117,10 +119,18 @@ class ResNet(nn.Module):
         if freeze not in ("none", "backbone"):
             raise LabError(f"model.net.freeze={freeze!r} is not valid: choose 'none' or 'backbone'.")
         local = weights is not None and Path(str(weights)).expanduser().is_file()
-        self.model = torchvision.models.get_model(arch, weights=None if local else weights)
+        try:
+            self.model = torchvision.models.get_model(arch, weights=None if local else weights)
+        except KeyError as err:  # torchvision's whole message for a wrong name or a missing file: KeyError('x')
+            names = [w.name for w in torchvision.models.get_model_weights(arch)]
+            raise LabError(f"model.net.weights={weights} is neither a file nor a weights name of {arch}: use a "
+                           f"path to a state_dict file, null, or one of {names}.") from err
         if local:
             state = torch.load(Path(str(weights)).expanduser(), map_location="cpu", weights_only=True)
-            self.model.load_state_dict(state)
+            try:
+                self.model.load_state_dict(state)
+            except RuntimeError as err:  # keys or shapes of another architecture
+                raise LabError(f"model.net.weights={weights} does not fit {arch}: {err}") from err
         if in_shape[0] != 3:  # grayscale input: a first conv for C channels, pretrained filters summed over RGB
             old = self.model.conv1
             self.model.conv1 = nn.Conv2d(in_shape[0], old.out_channels, old.kernel_size, old.stride, old.padding,

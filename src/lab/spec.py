@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import optuna
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -142,6 +143,9 @@ def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None
         raise LabError(f"sweep file {path} does not exist; shipped sweeps are in sweeps/*.yaml.")
     try:
         raw = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise LabError(f"{path} is not valid YAML: {err}") from err
+    try:
         spec_cfg = OmegaConf.merge(OmegaConf.structured(SweepSpec), raw)
         spec: SweepSpec = OmegaConf.to_object(spec_cfg)
     except OmegaConfBaseException as err:

@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import subprocess
+import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -128,7 +129,8 @@ def log_test_report(client: MlflowClient, run_id: str, report: dict, step: int) 
     """Per-class F1 metrics, classification_report.json, confusion_matrix.csv and .png."""
     classes = list(report["classes"])
     confusion = report["confusion"]
-    metrics = [Metric(metric_name(f"test/f1/{name}"), v["f1"], 0, step) for name, v in report["classes"].items()]
+    now = int(time.time() * 1000)  # Metric's timestamp is milliseconds since 1970; 0 would plot them in 1970
+    metrics = [Metric(metric_name(f"test/f1/{name}"), v["f1"], now, step) for name, v in report["classes"].items()]
     client.log_batch(run_id, metrics=metrics, synchronous=True)
     client.log_dict(run_id, report["classes"], "classification_report.json")
 

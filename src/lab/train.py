@@ -3,6 +3,7 @@
 run() is what `lab train` and every sweep trial execute, so a trial replays as a plain `lab train`.
 """
 import logging
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -24,6 +25,14 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     return kwargs
 
 
+def set_threads() -> None:
+    """$LAB_TORCH_THREADS: the sweep pool splits the cores among workers instead of oversubscribing them;
+    a replay with the same value computes the same sums in the same order."""
+    threads = int(os.environ.get("LAB_TORCH_THREADS", "0"))
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 def build(cfg: DictConfig):
     """Data first: the model's input shape, class count and class names come from the data."""
     datamodule = instantiate(cfg.data)
@@ -42,6 +51,7 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
 
     on_run(client, run_id) is called once the MLflow run exists (sweeps record the run id on the trial).
     """
+    set_threads()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model = build(cfg)
     out_dir = Path(out_dir)

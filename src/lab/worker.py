@@ -73,12 +73,6 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def set_threads() -> None:
-    threads = int(os.environ.get("LAB_TORCH_THREADS", "0"))
-    if threads > 0:  # several workers on one CPU: split the cores instead of oversubscribing them
-        torch.set_num_threads(threads)
-
-
 def tag_run(uri: str, trial: optuna.trial.FrozenTrial | optuna.Trial, state: str, reason: str | None) -> None:
     run_id = trial.user_attrs.get("mlflow_run_id")
     if not run_id:
@@ -123,7 +117,6 @@ def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, out_dir: Pat
 
 def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: float | None = None) -> int:
     """Returns the number of trials this worker ran."""
-    set_threads()
     signal.signal(signal.SIGTERM, raise_interrupted)
     signal.signal(signal.SIGINT, raise_interrupted)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -1,0 +1,1 @@
+"""Datasets as LightningDataModules: each file one source, all sharing base.TensorDataModule."""

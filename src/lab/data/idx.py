@@ -1,0 +1,95 @@
+"""MNIST-format datasets (idx files): Fashion-MNIST and MNIST.
+
+Files are looked up, gzipped or not, in data.root and then in system folders (Debian's
+dataset-fashion-mnist package installs /usr/share/datasets/fashion-mnist); when none has them they are
+downloaded from data.url into data.root.
+"""
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.datasets.utils import download_url
+
+from lab.data.base import Images, Loaded, TensorDataModule
+from lab.errors import LabError
+
+FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """An idx file (magic: 0, 0, dtype code 0x08 = uint8, number of dims; then big-endian int32 sizes)."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as err:  # BadGzipFile, or a download cut short
+        raise LabError(f"{path} is not a complete gzip file ({err}): delete it and fetch it again.") from err
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise LabError(f"{path} is not an uint8 idx file (header {raw[:4].hex() or 'empty'}).")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise LabError(f"{path} is truncated: its header promises {ndim} dimension sizes, file has {len(raw)} bytes.")
+    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise LabError(f"{path} is truncated: header promises {tuple(dims)} values, file holds {data.size}.")
+    return torch.from_numpy(data.reshape(tuple(int(d) for d in dims)).copy())
+
+
+class IdxDataModule(TensorDataModule):
+    CLASS_NAMES: list[str] = []
+    SYSTEM_DIRS: tuple[str, ...] = ()
+    URL = ""
+
+    def __init__(self, root: str = "data/mnist", url: str | None = None, download: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.root, self.url, self.download = Path(root).expanduser(), url or self.URL, download
+
+    def _find(self, stem: str) -> Path | None:
+        for folder in (self.root, *map(Path, self.SYSTEM_DIRS)):
+            for candidate in (folder / stem, folder / f"{stem}.gz"):
+                if candidate.is_file():
+                    return candidate
+        return None
+
+    def prepare_data(self) -> None:
+        missing = [stem for stem in FILES.values() if self._find(stem) is None]
+        if not missing:
+            return
+        if not self.download:
+            raise LabError(self._where_message(missing))
+        try:
+            for stem in missing:
+                download_url(self.url.rstrip("/") + f"/{stem}.gz", str(self.root), f"{stem}.gz")
+        except Exception as err:  # no network, 404, ...: say where the files belong instead
+            raise LabError(f"Downloading from {self.url} failed ({err}). {self._where_message(missing)}") from err
+
+    def _where_message(self, missing: list[str]) -> str:
+        places = ", ".join(str(p) for p in (self.root, *self.SYSTEM_DIRS))
+        return f"{self.name} files {missing} were not found in {places}: copy them (gzipped or not) into {self.root}."
+
+    def load(self) -> Loaded:
+        self.prepare_data()
+        t = {key: read_idx(self._find(stem)) for key, stem in FILES.items()}
+        return Loaded(
+            train=Images(t["train_x"].unsqueeze(1), t["train_y"].long()),
+            test=Images(t["test_x"].unsqueeze(1), t["test_y"].long()),
+            class_names=list(self.CLASS_NAMES),
+        )
+
+
+class FashionMNIST(IdxDataModule):
+    CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
+    SYSTEM_DIRS = ("/usr/share/datasets/fashion-mnist",)
+    URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
+
+
+class MNIST(IdxDataModule):
+    CLASS_NAMES = [str(d) for d in range(10)]
+    SYSTEM_DIRS = ("/usr/share/datasets/mnist",)
+    URL = "https://ossci-datasets.s3.amazonaws.com/mnist"

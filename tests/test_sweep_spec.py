@@ -1,0 +1,133 @@
+"""Sweep-file validation and worker placement: logic tests, no training."""
+import textwrap
+
+import optuna
+import pytest
+
+from lab import pool, spec
+from lab.errors import LabError
+
+BASE = """
+study: t
+overrides: [data=synthetic, model=mlp]
+metric: val/acc
+direction: maximize
+n_trials: 4
+sampler: {name: tpe, seed: 0}
+params:
+"""
+
+
+def write(tmp_path, params: str, base: str = BASE):
+    path = tmp_path / "s.yaml"
+    path.write_text(base + textwrap.indent(textwrap.dedent(params), "  "))
+    return path
+
+
+def test_valid_sweep_builds_optuna_distributions(tmp_path):
+    sweep = spec.load(write(tmp_path, """
+        model.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}
+        data.batch_size: {type: categorical, choices: [16, 32]}
+        model.net.hidden: {type: categorical, choices: [[64], [128, 64]]}
+        trainer.max_epochs: {type: int, low: 1, high: 3}
+    """))
+    assert isinstance(sweep.space["model.optimizer.lr"], optuna.distributions.FloatDistribution)
+    assert sweep.space["model.optimizer.lr"].log
+    assert sweep.space["trainer.max_epochs"].high == 3
+    # A list choice travels through Optuna as its override text and comes back as a Hydra list.
+    assert sweep.trial_overrides({"model.net.hidden": "[128, 64]"}) == ["model.net.hidden=[128, 64]"]
+    assert sweep.base_overrides == ["data=synthetic", "model=mlp"]
+
+
+@pytest.mark.parametrize("params, named", [
+    ("model.optimizer.lr: {type: float, low: 0.1, high: 0.01}", "model.optimizer.lr"),
+    ("model.optimizer.lr: {type: float, low: 0.0, high: 0.1, log: true}", "model.optimizer.lr"),
+    ("data.batch_size: {type: categorical, choices: []}", "data.batch_size"),
+    ("model.no_such_key: {type: float, low: 0.1, high: 0.2}", "model.no_such_key"),
+    ("model.net.dropout: {type: gaussian, low: 0.1, high: 0.2}", "model.net.dropout"),
+    ("trainer.max_epochs: {type: int, low: 1.5, high: 3}", "trainer.max_epochs"),
+    ("model.net.dropout: {type: float, low: 0.1}", "model.net.dropout"),
+])
+def test_invalid_params_are_rejected_with_their_name(tmp_path, params, named):
+    with pytest.raises(LabError, match=named.replace(".", r"\.")):
+        spec.load(write(tmp_path, params))
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("sampler", "{name: annealing}", "sampler.name"),
+    ("pruner", "{name: sometimes}", "pruner.name"),
+    ("direction", "upwards", "direction"),
+    ("metric", "val/accuracy", "metric"),
+    ("n_trials", "0", "n_trials"),
+])
+def test_invalid_top_level_fields_are_rejected(tmp_path, field, value, named):
+    base = BASE.replace(f"\n{field}:", "\nreplaced_").replace("params:", f"{field}: {value}\nparams:")
+    base = "\n".join(line for line in base.splitlines() if not line.startswith("replaced_")) + "\n"
+    with pytest.raises(LabError, match=named):
+        spec.load(write(tmp_path, "model.net.dropout: {type: float, low: 0.0, high: 0.5}", base))
+
+
+def test_broken_yaml_is_a_clear_error(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("study: [unclosed\n")
+    with pytest.raises(LabError, match="not valid YAML"):
+        spec.load(path)
+
+
+def test_unknown_key_in_sweep_file_is_named(tmp_path):
+    path = write(tmp_path, "model.net.dropout: {type: float, low: 0.0, high: 0.5}", BASE + "")
+    path.write_text(path.read_text() + "\nn_trails: 5\n")
+    with pytest.raises(LabError, match="n_trails"):
+        spec.load(path)
+
+
+def test_enqueued_values_outside_the_space_are_rejected(tmp_path):
+    base = BASE.replace("params:", "enqueue: [{model.net.dropout: 0.9}]\nparams:")
+    with pytest.raises(LabError, match=r"enqueue\[0\]\.model\.net\.dropout=0\.9"):
+        spec.load(write(tmp_path, "model.net.dropout: {type: float, low: 0.0, high: 0.5}", base))
+
+
+def test_grid_sampler_caps_trials_at_grid_size(tmp_path):
+    base = BASE.replace("{name: tpe, seed: 0}", "{name: grid}").replace("n_trials: 4", "n_trials: 100")
+    sweep = spec.load(write(tmp_path, """
+        data.batch_size: {type: categorical, choices: [16, 32, 64]}
+        trainer.max_epochs: {type: int, low: 1, high: 2}
+    """, base))
+    assert sweep.spec.n_trials == 6
+
+
+def test_every_shipped_sweep_is_valid():
+    from lab.config import conf_dir
+
+    files = sorted((conf_dir().parent / "sweeps").glob("*.yaml"))
+    assert files, "no shipped sweeps found"
+    for path in files:
+        sweep = spec.load(path)
+        assert sweep.space, path
+
+
+def test_gpu_parsing_and_placement():
+    assert pool.parse_gpus(None, 2) == [0, 1]
+    assert pool.parse_gpus("none", 2) == []
+    assert pool.parse_gpus("1,0,1", 2) == [0, 1]
+    with pytest.raises(LabError, match="2"):
+        pool.parse_gpus("0,2", 2)
+    with pytest.raises(LabError, match="'x'"):
+        pool.parse_gpus("x", 2)
+    slots = pool.placement([0, 3], per_gpu=3, cpu_workers=1, cpu_count=12)
+    assert [s.name for s in slots] == ["gpu0.0", "gpu0.1", "gpu0.2", "gpu3.0", "gpu3.1", "gpu3.2"]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "0", "0", "3", "3", "3"]
+    assert {s.env["LAB_TORCH_THREADS"] for s in slots} == {"2"}
+    cpu = pool.placement([], per_gpu=1, cpu_workers=2, cpu_count=2)
+    assert [(s.name, s.env["CUDA_VISIBLE_DEVICES"], s.env["LAB_TORCH_THREADS"]) for s in cpu] == [
+        ("cpu0", "", "1"), ("cpu1", "", "1")]
+    with pytest.raises(LabError, match="--workers-per-gpu=0"):
+        pool.placement([0], per_gpu=0, cpu_workers=1, cpu_count=2)
+
+
+def test_auto_packing_rule():
+    gib = 1 << 30
+    assert pool.auto_per_gpu(400_000, 80 * gib) == 8  # the lecture CNN: pack the card
+    assert pool.auto_per_gpu(11_000_000, 80 * gib) == 8  # ResNet-18: 704 MB estimate, still 1 GiB floor
+    assert pool.auto_per_gpu(200_000_000, 80 * gib) == 3
+    assert pool.auto_per_gpu(2_000_000_000, 80 * gib) == 1
