@@ -9,6 +9,7 @@ from lab import config, train
 from lab.errors import LabError, StopRun
 from lab.module import Diverged
 from lab.spec import Sweep
+from lab.study import RESUME_FROM
 
 
 class Pruned(StopRun):
@@ -38,7 +39,7 @@ def trial_overrides(sweep: Sweep, trial: optuna.Trial) -> list[str]:
             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
-def run_trial(sweep: Sweep, trial: optuna.Trial, out_dir: Path, parent_run_id: str | None) -> float:
+def run_trial(sweep: Sweep, trial: optuna.Trial, parent_run_id: str | None) -> float:
     overrides = trial_overrides(sweep, trial)
     cfg = config.load(overrides)
     trial.set_user_attr("overrides", overrides)
@@ -48,10 +49,13 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, out_dir: Path, parent_run_id: s
     def record_run(client, run_id):
         trial.set_user_attr("mlflow_run_id", run_id)
 
+    resume_from = trial.user_attrs.get(RESUME_FROM)  # set when this trial repeats one that was cut off
+    if resume_from:
+        tags["lab.resumed_from"] = resume_from
     try:
-        metrics = train.run(cfg, out_dir / f"trial_{trial.number:04d}", (PruningCallback(trial, sweep.spec.metric),),
-                            parent_run_id=parent_run_id, run_name=f"trial-{trial.number}", tags=tags,
-                            on_run=record_run)
+        metrics = train.run(cfg, Path(trial.user_attrs["checkpoint_dir"]).parent,
+                            (PruningCallback(trial, sweep.spec.metric),), parent_run_id=parent_run_id,
+                            run_name=f"trial-{trial.number}", tags=tags, on_run=record_run, resume_from=resume_from)
     except Pruned as pruned:
         raise optuna.TrialPruned(str(pruned)) from pruned
     if sweep.spec.metric not in metrics:

@@ -4,9 +4,11 @@ Journal file storage is the default (many processes on one host, no "database is
 (postgresql://, sqlite:///) serve studies shared across hosts and get heartbeats.
 """
 import json
+import logging
 import os
 import re
 import socket
+import time
 import zlib
 from pathlib import Path
 
@@ -18,9 +20,11 @@ from optuna.trial import TrialState
 from lab.errors import LabError
 from lab.spec import Sweep, grid_values
 
+log = logging.getLogger(__name__)
 HEARTBEAT_S = 30  # RDB only: a trial without a heartbeat for GRACE_S is failed and retried
 GRACE_S = 120
-REQUEUED = "lab.requeued"  # user attr on a failed trial whose configuration was queued again
+RETRY_OF = "lab.retry_of"  # user attr of a queued trial: the number of the trial it repeats
+RESUME_FROM = "lab.resume_from"  # user attr of a queued trial: the checkpoint it continues from
 
 
 def mask_password(url: str) -> str:
@@ -35,14 +39,37 @@ def default_storage(out_dir: Path) -> str:
     return str(out_dir / "study.journal")
 
 
-def open_storage(storage: str):
+def repair_journal(path: Path) -> Path | None:
+    """A crash or a full disk mid-write leaves a torn last line; the next append would glue a valid record
+    onto it and make the whole study unreadable. Move the torn bytes aside; returns where they went."""
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    cut = data.rfind(b"\n") + 1
+    torn = data[cut:]
+    if not torn:
+        return None
+    aside = path.with_name(f"{path.name}.torn-{int(time.time())}")
+    aside.write_bytes(torn)
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+    log.warning("journal %s ended in a torn line (%d bytes, crash during a write?): moved it to %s; "
+                "all complete records are kept", path, len(torn), aside)
+    return aside
+
+
+def open_storage(storage: str, repair: bool = False):
     if is_rdb(storage):
         try:
-            return RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+            return RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                              failed_trial_callback=lambda study, trial: retry(study, trial, "heartbeat lost"))
         except Exception as err:  # noqa: BLE001 - unreachable server, bad driver, bad URL
             raise LabError(f"cannot open Optuna storage {mask_password(storage)}: {err}") from err
     path = Path(storage)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if repair:  # only where no worker is writing yet: the parent before it starts them
+        repair_journal(path)
     return JournalStorage(JournalFileBackend(str(path)))
 
 
@@ -84,9 +111,9 @@ def identity(sweep: Sweep) -> dict[str, str]:
     return {"lab.metric": sweep.spec.metric, "lab.direction": sweep.spec.direction, "lab.space": sweep.space_json()}
 
 
-def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None) -> optuna.Study:
-    """The parent's job: create the study, or check that the stored one is the same experiment."""
-    store = open_storage(storage)
+def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, repair: bool = False) -> optuna.Study:
+    """Create the study, or check that the stored one is the same experiment."""
+    store = open_storage(storage, repair)
     names = {s.study_name for s in optuna.study.get_all_study_summaries(store, include_best_trial=False)}
     study = optuna.create_study(study_name=sweep.spec.study, storage=store, sampler=make_sampler(sweep, worker_id),
                                 pruner=make_pruner(sweep), direction=sweep.spec.direction, load_if_exists=True)
@@ -108,26 +135,26 @@ def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None) -
     return study
 
 
-def counted(trial: optuna.trial.FrozenTrial) -> bool:
-    """Trials that use up the budget: finished ones, running ones, and failures that were not re-queued."""
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
-        return True
-    return trial.state == TrialState.FAIL and not trial.user_attrs.get(REQUEUED)
-
-
 def used_budget(study: optuna.Study) -> int:
-    return sum(counted(t) for t in study.get_trials(deepcopy=False))
+    """Trials that use up n_trials: finished, running, and failures that were not queued again."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+               or (t.state == TrialState.FAIL and t.number not in retried) for t in trials)
 
 
-def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
-    """Fail a trial that did not end on its own (worker killed, interrupted) and queue its configuration again."""
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
+    """A trial that did not end on its own (worker killed, interrupt, lost heartbeat): fail it if still
+    RUNNING, and queue its configuration again, to resume from its last checkpoint when it has one."""
     if trial.state == TrialState.RUNNING:
-        # Attributes of another process's trial: Optuna has no public setter short of its storage.
-        trial_id = trial._trial_id  # noqa: SLF001
-        study._storage.set_trial_user_attr(trial_id, "fail_reason", reason)  # noqa: SLF001
-        study._storage.set_trial_user_attr(trial_id, REQUEUED, True)  # noqa: SLF001
+        # Another process's trial: Optuna has no public attribute setter for it short of the storage.
+        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)  # noqa: SLF001
         study.tell(trial.number, state=TrialState.FAIL)
-    study.enqueue_trial(trial.params, user_attrs={"lab.retry_of": trial.number})
+    attrs = {RETRY_OF: trial.number}
+    last = Path(trial.user_attrs.get("checkpoint_dir", "/nonexistent")) / "last.ckpt"
+    if last.is_file():
+        attrs[RESUME_FROM] = str(last)
+    study.enqueue_trial(trial.params, user_attrs=attrs)
 
 
 def pid_alive(pid: int) -> bool:

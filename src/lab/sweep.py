@@ -49,7 +49,7 @@ def reap(study: optuna.Study, uri: str) -> int:
     stale = studies.stale_trials(study)
     client = MlflowClient(uri)
     for trial in stale:
-        studies.requeue(study, trial, "worker process died")
+        studies.retry(study, trial, "worker process died")
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id and client.get_run(run_id).info.status == "RUNNING":
             client.set_tag(run_id, "trial.state", "FAIL")
@@ -84,7 +84,7 @@ def sweep_command(args) -> None:
     uri = absolute_uri(tracking.tracking_uri())
     os.environ["MLFLOW_TRACKING_URI"] = uri  # inherited by every worker
     tracking.experiment_id(uri, sweep.mlflow_experiment)
-    study = studies.create_or_resume(sweep, storage)
+    study = studies.create_or_resume(sweep, storage, repair=True)
     reaped = reap(study, uri)
     parent = sweep_tracking.parent_run(study, sweep, uri, storage)
     slots = choose_slots(args, sweep)

@@ -46,10 +46,12 @@ def build(cfg: DictConfig):
 
 
 def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = (), parent_run_id: str | None = None,
-        run_name: str | None = None, tags: dict[str, str] | None = None, on_run=None) -> dict[str, float]:
+        run_name: str | None = None, tags: dict[str, str] | None = None, on_run=None,
+        resume_from: str | None = None) -> dict[str, float]:
     """Train and test; returns the last epoch's train/val metrics and the test metrics, as floats.
 
-    on_run(client, run_id) is called once the MLflow run exists (sweeps record the run id on the trial).
+    on_run(client, run_id) is called once the MLflow run exists (sweeps record the run id on the trial);
+    resume_from: a Lightning checkpoint to continue from (epoch, weights, optimizer state).
     """
     set_threads()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -73,12 +75,12 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
                                                patience=cfg.early_stopping.patience))
         trainer = pl.Trainer(**trainer_kwargs(cfg), logger=logger, callbacks=all_callbacks,
                              default_root_dir=str(out_dir))
-        trainer.fit(model, datamodule=datamodule)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         if trainer.interrupted:  # Lightning swallowed a SIGTERM/Ctrl-C and returned normally
             raise KeyboardInterrupt("training was interrupted")
         results = {k: float(v) for k, v in trainer.callback_metrics.items()}
         best = checkpoint.best_model_path or None
-        test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+        test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
         results.update({k: float(v) for k, v in test.items()})
         tracking.log_test_report(client, run_id, model.test_report, step=trainer.current_epoch)
         if best:

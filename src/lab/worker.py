@@ -83,19 +83,18 @@ def tag_run(uri: str, trial: optuna.trial.FrozenTrial | optuna.Trial, state: str
         client.set_tag(run_id, "trial.reason", reason[:5000])
 
 
-def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, out_dir: Path, parent: str, uri: str) -> str:
+def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str, uri: str) -> str:
     """Runs the trial and tells Optuna how it ended; returns the state name."""
     state, value, reason = TrialState.FAIL, None, None
     try:
         with heartbeat(study, trial):
-            value = run_trial(sweep, trial, out_dir, parent)
+            value = run_trial(sweep, trial, parent)
         state = TrialState.COMPLETE
     except optuna.TrialPruned as pruned:
         state, reason = TrialState.PRUNED, str(pruned)
     except Interrupted as stop:
         reason = f"interrupted by {stop}"
-        trial.set_user_attr("fail_reason", reason)
-        studies.requeue(study, study.get_trials(deepcopy=False)[trial.number], reason)
+        studies.retry(study, study._storage.get_trial(trial._trial_id), reason)  # noqa: SLF001
         tag_run(uri, trial, "INTERRUPTED", reason)
         raise
     except torch.cuda.OutOfMemoryError as err:
@@ -136,9 +135,10 @@ def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: fl
                 break
             trial = study.ask(sweep.space)
             for key, value in {"worker": worker_id, "host": host, "pid": os.getpid(),
-                               "device": os.environ.get("CUDA_VISIBLE_DEVICES", "cpu") or "cpu"}.items():
+                               "device": os.environ.get("CUDA_VISIBLE_DEVICES", "cpu") or "cpu",
+                               "checkpoint_dir": str(out_dir / f"trial_{trial.number:04d}" / "checkpoints")}.items():
                 trial.set_user_attr(key, value)
-        state = run_one(sweep, study, trial, out_dir, parent, uri)
+        state = run_one(sweep, study, trial, parent, uri)
         ran += 1
         log.info("trial %d %s", trial.number, state)
         sweep_tracking.update_best(MlflowClient(uri), parent, study)

@@ -1,0 +1,362 @@
+"""`lab data fetch NAME`: download a dataset into the layout lab's datamodules read.
+
+    flowers        ROOT/flower_photos/<class>/*.jpg           data=image_folder data.root=ROOT/flower_photos
+    cats_dogs      ROOT/cats_dogs/{Cat,Dog}/*.jpg             data=image_folder data.root=ROOT/cats_dogs
+    mnist          ROOT/mnist/*-idx?-ubyte.gz                 data=mnist data.root=ROOT/mnist
+    fashion_mnist  ROOT/fashion_mnist/*-idx?-ubyte.gz         data=fashion_mnist data.root=ROOT/fashion_mnist
+
+Downloads go to FILE.partial and resume with an HTTP Range request; archives are checked (SHA-256)
+before extraction and extracted into a temporary folder that is renamed into place.
+Only the standard library is imported here: `lab --help` must not pay for torch.
+"""
+import hashlib
+import http.client
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.error import HTTPError
+from urllib.request import Request, urlopen
+
+from lab.errors import LabError
+
+CHUNK = 1 << 16
+TIMEOUT_S = 30
+ATTEMPTS = 5  # per file; a new attempt is made only when the previous one received bytes
+
+
+@dataclass(frozen=True)
+class Archive:
+    url: str
+    size: int
+    sha256: str
+    top: str  # the archive's folder that becomes ROOT/<target>
+    target: str
+    reject_unreadable: bool = False
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class IdxFiles:
+    url: str  # folder holding the four files
+    target: str
+    datamodule: str  # class in lab.data.idx, for the system folders it also searches
+    md5: dict[str, str]  # file name -> MD5 of the canonical file
+
+
+DATASETS = {
+    "flowers": Archive(
+        url="http://download.tensorflow.org/example_images/flower_photos.tgz", size=228_813_984,
+        sha256="4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c",
+        top="flower_photos", target="flower_photos"),
+    "cats_dogs": Archive(
+        url="https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/"
+            "kagglecatsanddogs_3367a.zip", size=824_894_548,
+        sha256="f9553e426bd725354ed3a27e3c6920caadb55c835d1ebd880d2e56d3f1fbb22b",
+        top="PetImages", target="cats_dogs", reject_unreadable=True),
+    # MD5s of the original .gz files, as torchvision's MNIST/FashionMNIST classes pin them. Debian's
+    # dataset-fashion-mnist package re-gzips the files, so its copies have other MD5s (same content).
+    "mnist": IdxFiles(
+        url="https://ossci-datasets.s3.amazonaws.com/mnist/", target="mnist", datamodule="MNIST", md5={
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}),
+    "fashion_mnist": IdxFiles(
+        url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", target="fashion_mnist",
+        datamodule="FashionMNIST", md5={
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
+}
+
+
+def add_parser(subparsers) -> None:
+    data = subparsers.add_parser("data", help="download datasets")
+    sub = data.add_subparsers(dest="data_command", metavar="fetch", required=True)
+    fetch = sub.add_parser("fetch", help="download a dataset into ROOT in the layout its datamodule reads")
+    fetch.add_argument("name", choices=list(DATASETS))
+    fetch.add_argument("--root", default="data", help="folder that receives the dataset (default: data)")
+    fetch.add_argument("--url", default=None,
+                       help="download from here instead: a mirror, file:///path or http://127.0.0.1:PORT/...; "
+                            "for mnist/fashion_mnist the folder holding the four .gz files")
+    fetch.add_argument("--sha256", default=None, help="expected SHA-256 of the archive fetched from --url")
+    fetch.add_argument("--force", action="store_true", help="fetch again even when the dataset is already there")
+
+
+def data_command(args) -> None:
+    spec, root = DATASETS[args.name], Path(args.root).expanduser()
+    if isinstance(spec, Archive):
+        where = fetch_archive(spec, root, args.url, args.sha256, args.force)
+    else:
+        if args.sha256:
+            raise LabError(f"--sha256 applies to one archive; {args.name} is four files, checked by MD5 "
+                           "(canonical URL) or by their idx format (--url).")
+        where = fetch_idx(spec, root, args.url, args.force)
+    print(f"{args.name}: ready in {where}")
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- downloading ----------------------------------------------------------------------------------
+
+class Progress:
+    """One line on stderr, redrawn on a terminal; a plain line per 10% when stderr is a file or pipe."""
+
+    def __init__(self, label: str, done: int, total: int | None):
+        self.label, self.done, self.total = label, done, total
+        self.start_done, self.start = done, time.monotonic()
+        self.tty, self.drawn, self.step = sys.stderr.isatty(), 0.0, -1
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.tty and now - self.drawn > 0.1:
+            self.drawn = now
+            self._write("\r")
+        elif not self.tty and self.total and self.done * 10 // self.total > self.step:
+            self.step = self.done * 10 // self.total
+            self._write("", "\n")
+
+    def close(self) -> None:
+        if self.tty or self.step < 10:  # a file already got its 100% line
+            self._write("\r" if self.tty else "", "\n")
+
+    def _write(self, head: str, tail: str = "") -> None:
+        mb, rate = self.done / 1e6, (self.done - self.start_done) / 1e6 / max(time.monotonic() - self.start, 1e-3)
+        pct = f"{100 * self.done / self.total:3.0f}% " if self.total else ""
+        size = f"{mb:.1f}/{self.total / 1e6:.1f} MB" if self.total else f"{mb:.1f} MB"
+        clear = "\033[K" if self.tty else ""  # a shorter redraw must not leave old characters behind
+        sys.stderr.write(f"{head}{self.label}: {pct}{size} {rate:.1f} MB/s{clear}{tail}")
+        sys.stderr.flush()
+
+
+def download(url: str, partial: Path) -> None:
+    """Fill `partial` with the resource at url, resuming what an earlier attempt or run left there."""
+    for attempt in range(1, ATTEMPTS + 1):
+        before = partial.stat().st_size if partial.exists() else 0
+        try:
+            return _transfer(url, partial)
+        except HTTPError:
+            raise
+        except (OSError, http.client.HTTPException) as err:  # refused, reset, timeout, IncompleteRead
+            got = partial.stat().st_size if partial.exists() else 0
+            if got <= before or attempt == ATTEMPTS:
+                raise
+            note(f"{partial.name}: connection lost at {got / 1e6:.1f} MB ({err!r}); resuming")
+
+
+def _transfer(url: str, partial: Path) -> None:
+    have = partial.stat().st_size if partial.exists() else 0
+    try:
+        response = urlopen(Request(url, headers={"Range": f"bytes={have}-"} if have else {}), timeout=TIMEOUT_S)
+    except HTTPError as err:
+        if err.code != 416 or not have:
+            raise
+        partial.unlink()  # the partial file is not a prefix of this resource: start over
+        return _transfer(url, partial)
+    with response:
+        if have and not (response.status == 206
+                         and response.headers.get("Content-Range", "").startswith(f"bytes {have}-")):
+            have = 0  # the server ignored the Range request (or file://): download from the start
+        length = response.headers.get("Content-Length")
+        bar = Progress(partial.name.removesuffix(".partial"), have, have + int(length) if length else None)
+        try:
+            with open(partial, "ab" if have else "wb") as out:
+                while chunk := response.read(CHUNK):
+                    out.write(chunk)
+                    bar.add(len(chunk))
+            if bar.total is not None and bar.done < bar.total:
+                # read(n) returns b"" when the server hangs up early instead of raising: say it here
+                raise http.client.IncompleteRead(b"", bar.total - bar.done)
+        finally:
+            bar.close()
+
+
+def fetch_file(url: str, partial: Path, by_hand: str) -> None:
+    try:
+        download(url, partial)
+    except HTTPError as err:
+        raise LabError(f"Downloading {url} failed: the server answered HTTP {err.code} {err.reason}. "
+                       f"{by_hand}") from err
+    except (OSError, http.client.HTTPException) as err:
+        reason = getattr(err, "reason", None) or err
+        kept = f" ({partial} is kept: rerunning resumes it)" if partial.exists() else ""
+        raise LabError(f"Could not download {url}: {reason}{kept}. If this machine has no network access, "
+                       f"fetch the file elsewhere, then {by_hand}") from err
+
+
+def file_hash(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- archives -------------------------------------------------------------------------------------
+
+def fetch_archive(spec: Archive, root: Path, url: str | None, sha256: str | None, force: bool) -> Path:
+    target = root / spec.target
+    if target.is_dir() and not force:
+        note(f"{target} is already there: nothing to do (--force fetches it again).")
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    filename = url.rstrip("/").rsplit("/", 1)[-1] if url else spec.filename
+    archive, partial = root / filename, root / f"{filename}.partial"
+    expected = (sha256 or "").lower() or (None if url else spec.sha256)
+    if expected is None:
+        note(f"warning: --url without --sha256: the SHA-256 check of {filename} is skipped "
+             f"(the pinned checksum is for {spec.url}).")
+    downloaded = url is not None or not archive.is_file()  # without --url, an archive already in ROOT is used
+    if downloaded:
+        fetch_file(url or spec.url, partial,
+                   f"put {spec.filename} in {root}/ and rerun, or pass --url file:///path/{spec.filename}.")
+    source = partial if downloaded else archive
+    try:
+        if expected is not None:
+            got = file_hash(source, "sha256")
+            if got != expected:
+                size = source.stat().st_size
+                sizes = f" ({size} bytes, the canonical file has {spec.size})" if size != spec.size and not url else ""
+                raise LabError(f"{url or spec.url if downloaded else source} is not the expected file: SHA-256 "
+                               f"expected {expected}, got {got}{sizes}"
+                               + ("; it was deleted." if downloaded else ": replace or delete it."))
+        if downloaded:
+            source = partial.replace(archive)  # verified: a rerun after a failed extraction reuses it
+        extract(source, spec, root)
+    except LabError:
+        if downloaded:
+            source.unlink(missing_ok=True)
+        raise
+    if downloaded:
+        source.unlink()  # the extracted folder is what lab reads; an archive put there by hand is kept
+    return target
+
+
+def _safe_name(name: str, archive: Path, dest: Path, link: bool) -> None:
+    path = PurePosixPath(name.replace("\\", "/"))
+    if link or path.is_absolute() or ".." in path.parts or not (dest / path).resolve().is_relative_to(dest):
+        raise LabError(f"{archive} holds an unsafe member {name!r} (a link or special file, an absolute path "
+                       "or '..'): refusing to extract it. Is this the right archive?")
+
+
+def extract(archive: Path, spec: Archive, root: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.target}-", dir=root)).resolve()
+    try:
+        note(f"extracting {archive.name} ...")
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                for info in z.infolist():
+                    _safe_name(info.filename, archive, tmp, link=(info.external_attr >> 16) & 0o170000 == 0o120000)
+                z.extractall(tmp)
+        else:
+            try:
+                with tarfile.open(archive) as tar:
+                    members = tar.getmembers()
+                    for m in members:
+                        _safe_name(m.name, archive, tmp, link=not (m.isfile() or m.isdir()))
+                    # the 'data' filter also drops setuid bits and special files; our check above covers
+                    # Pythons that predate it (3.11.4)
+                    tar.extractall(tmp, members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+            except (tarfile.TarError, EOFError) as err:  # FilterError is a TarError
+                raise LabError(f"{archive} is not a readable tar or zip archive ({err}).") from err
+        top = tmp / spec.top
+        if not top.is_dir():
+            raise LabError(f"{archive} has no {spec.top}/ folder (it holds {sorted(p.name for p in tmp.iterdir())}).")
+        for extra in tmp.iterdir():  # licence and readme files beside the image folder go along with it
+            if extra.is_file() and not (top / extra.name).exists():
+                extra.rename(top / extra.name)
+        if spec.reject_unreadable:
+            reject_unreadable(top, root / f"{spec.target}_rejected")
+        replace(top, root / spec.target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace(new: Path, target: Path) -> None:
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def reject_unreadable(folder: Path, rejected: Path) -> None:
+    # The same decoder the ImageFolder datamodule uses, so what stays is exactly what it can read.
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from lab.data.folder import decode
+
+    images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    note(f"checking {len(images)} images for unreadable files ...")
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        readable = list(pool.map(lambda p: p.stat().st_size > 0 and decode(str(p), 8, 3) is not None, images))
+    bad = [p for p, ok in zip(images, readable) if not ok]
+    shutil.rmtree(rejected, ignore_errors=True)
+    if not bad:
+        return
+    lines = []
+    for path in bad:
+        rel = path.relative_to(folder)
+        lines.append(f"{rel}\t{path.stat().st_size} bytes")
+        (rejected / rel).parent.mkdir(parents=True, exist_ok=True)
+        path.rename(rejected / rel)
+    (rejected / "REJECTED.txt").write_text(
+        "Files moved out of the dataset because they are empty or cannot be decoded as images:\n"
+        + "\n".join(lines) + "\n")
+    note(f"moved {len(bad)} unreadable image(s) to {rejected} (listed in REJECTED.txt)")
+
+
+# -- MNIST-format files -----------------------------------------------------------------------------
+
+def fetch_idx(spec: IdxFiles, root: Path, url: str | None, force: bool) -> Path:
+    from lab.data import idx
+
+    target = root / spec.target
+    if not (force or url):
+        for folder in map(Path, getattr(idx, spec.datamodule).SYSTEM_DIRS):
+            if all((folder / n).is_file() or (folder / n.removesuffix(".gz")).is_file() for n in spec.md5):
+                note(f"{spec.target} is already installed in {folder}, which the datamodule also reads: "
+                     "no download needed (--force downloads a copy into ROOT anyway).")
+                return folder
+    missing = [n for n in spec.md5 if force or not (
+        (target / n).is_file() or (target / n.removesuffix(".gz")).is_file())]
+    if not missing:
+        note(f"{target} already holds the four files: nothing to do (--force fetches them again).")
+        return target
+    if url:
+        # A mirror's files need not be byte-identical to the originals (re-gzipped copies differ): check
+        # that each is a complete idx file instead of its MD5.
+        note("warning: --url given: the MD5 check is skipped; the files are checked as idx files only.")
+    target.mkdir(parents=True, exist_ok=True)
+    base = (url or spec.url).rstrip("/") + "/"
+    for name in missing:
+        dest, partial = target / name, target / f"{name}.partial"
+        fetch_file(base + name, partial, f"put the files {list(spec.md5)} in {target}/ and rerun, or pass "
+                                         "--url with a folder that holds them (file:///path/ or http://...).")
+        if not url:
+            got = file_hash(partial, "md5")
+            if got != spec.md5[name]:
+                partial.unlink()
+                raise LabError(f"{base + name} is not the expected file: MD5 expected {spec.md5[name]}, "
+                               f"got {got} (deleted; rerun to download it again).")
+        partial.replace(dest)
+        try:
+            idx.read_idx(dest)  # the format check; it names the file and what is wrong
+        except LabError:
+            dest.unlink()
+            raise
+    return target

@@ -1,0 +1,137 @@
+"""Faults injected for real: SIGKILL of a worker, Ctrl-C of the sweep, a torn journal, a changed sweep."""
+import os
+import signal
+import subprocess
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from lab import spec, study as studies
+from lab.errors import LabError
+from test_sweep_e2e import LAB, journal, sweep_file, workdir  # noqa: F401 - fixture
+
+# Trials long enough (several epochs of ~1 s) to be caught in the middle.
+SLOW = ("data.n_train=6000", "data.size=24", "model.net.hidden=[256,256]", "trainer.max_epochs=4")
+BODY = """
+metric: val/acc
+n_trials: {n}
+sampler: {{name: random, seed: 0}}
+params:
+  model.optimizer.lr: {{type: float, low: 1.0e-3, high: 1.0e-2, log: true}}
+"""
+
+
+def start_sweep(tmp, env, path, workers):
+    return subprocess.Popen([*LAB, "sweep", str(path), "--workers", str(workers), "--no-live"], cwd=tmp, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_running_trial(tmp, study_name, proc, timeout=300):
+    """A RUNNING trial that finished at least one epoch, so it has a last.ckpt to resume from."""
+    end = time.time() + timeout
+    while time.time() < end:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            running = journal(tmp, study_name).get_trials(states=(TrialState.RUNNING,))
+        except (KeyError, FileNotFoundError):
+            running = []
+        for trial in running:
+            if trial.intermediate_values and "mlflow_run_id" in trial.user_attrs:
+                return trial
+        time.sleep(0.3)
+    raise AssertionError("no trial reached its second epoch in time")
+
+
+def test_sigkilled_worker_trial_is_failed_and_retried_from_its_checkpoint(workdir):
+    tmp, env = workdir
+    path = sweep_file(tmp / "k.yaml", "killed", BODY.format(n=3), extra=SLOW)
+    proc = start_sweep(tmp, env, path, workers=2)
+    victim = wait_for_running_trial(tmp, "killed", proc)
+    os.kill(int(victim.user_attrs["pid"]), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+
+    trials = journal(tmp, "killed").get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3  # the budget is still reached
+    dead = trials[victim.number]
+    assert dead.state == TrialState.FAIL and dead.user_attrs["fail_reason"] == "worker process died"
+    (retry,) = [t for t in trials if t.user_attrs.get("lab.retry_of") == victim.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == victim.params
+    assert retry.user_attrs["lab.resume_from"].endswith("last.ckpt")
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+    resumed = client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert resumed.data.tags["lab.resumed_from"] == retry.user_attrs["lab.resume_from"]
+    # It continued where the killed one stopped: its first logged epoch is not epoch 0.
+    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "val/acc")]
+    assert min(steps) >= 1 and max(steps) == 3
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_ctrl_c_stops_marks_and_the_same_command_resumes(workdir):
+    tmp, env = workdir
+    path = sweep_file(tmp / "i.yaml", "interrupted", BODY.format(n=3), extra=SLOW)
+    proc = start_sweep(tmp, env, path, workers=1)
+    caught = wait_for_running_trial(tmp, "interrupted", proc)
+    started = time.time()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert time.time() - started < 60
+    study = journal(tmp, "interrupted")
+    first = study.get_trials()
+    assert not [t for t in first if t.state == TrialState.RUNNING]
+    stopped = first[caught.number]
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"].startswith("interrupted")
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert client.get_run(caught.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert client.get_run(parent).info.status == "KILLED"
+
+    again = subprocess.run([*LAB, "sweep", str(path), "--workers", "1", "--no-live"], cwd=tmp, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    trials = journal(tmp, "interrupted").get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3  # the total stays n_trials
+    assert max(t.number for t in trials) >= len(first)  # numbers continue
+    done_before = {t.number for t in first if t.state == TrialState.COMPLETE}
+    assert not [t for t in trials if t.user_attrs.get("lab.retry_of") in done_before]  # nothing finished reran
+    assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_torn_journal_line_is_set_aside(tmp_path):
+    path = tmp_path / "study.journal"
+    study = optuna.create_study(study_name="s", storage=studies.open_storage(str(path)))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    with open(path, "ab") as f:
+        f.write(b'{"op_code": 4, "worker_id": "torn-by-a-cra')  # a write cut short by a crash
+
+    aside = studies.repair_journal(path)
+    assert aside is not None and aside.read_bytes().startswith(b'{"op_code": 4')
+    study = optuna.load_study(study_name="s", storage=studies.open_storage(str(path)))
+    assert len(study.get_trials()) == 3
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)  # appending works again
+    assert len(optuna.load_study(study_name="s", storage=studies.open_storage(str(path))).get_trials()) == 4
+    assert studies.repair_journal(path) is None  # a clean journal is left alone
+
+
+def test_resuming_with_a_changed_sweep_is_refused(tmp_path):
+    path = tmp_path / "s.yaml"
+    base = ("study: same\noverrides: [data=synthetic, model=mlp]\nmetric: val/acc\ndirection: maximize\n"
+            "params:\n  model.optimizer.lr: {type: float, low: 1.0e-3, high: 1.0e-1, log: true}\n")
+    storage = str(tmp_path / "study.journal")
+    path.write_text(base)
+    studies.create_or_resume(spec.load(path), storage)
+    for changed, named in [(base.replace("maximize", "minimize"), "direction"),
+                           (base.replace("metric: val/acc", "metric: val/loss"), "metric"),
+                           (base.replace("high: 1.0e-1", "high: 0.5"), "space")]:
+        path.write_text(changed)
+        with pytest.raises(LabError, match=f"created with {named}="):
+            studies.create_or_resume(spec.load(path), storage)
+    path.write_text(base)
+    studies.create_or_resume(spec.load(path), storage)  # the unchanged file resumes
