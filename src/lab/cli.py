@@ -4,6 +4,8 @@
     lab sweep SWEEP.yaml [options] [overrides...]
     lab worker SWEEP.yaml --storage URL     join a running study from another shell or host
     lab best SWEEP.yaml [--export PATH]
+    lab data fetch NAME [--root data] [--url URL] [--sha256 HEX] [--force]
+    lab server [--backend-store-uri URI] [--artifacts DIR] [--host 127.0.0.1] [--port 5000]
 """
 import argparse
 import logging
@@ -11,6 +13,7 @@ import os
 import sys
 import warnings
 
+from lab import fetch, server
 from lab.errors import LabError, user_error
 
 EXIT_USER_ERROR = 2
@@ -67,6 +70,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--storage", default=None, help="Optuna storage: journal file path or RDB URL")
     sweep.add_argument("--out", default=None, help="output folder (default: runs/<study>)")
     sweep.add_argument("--no-live", action="store_true", help="print one line per change instead of a live view")
+    sweep.add_argument("--prepare", action="store_true",
+                       help="create the study and its MLflow parent run, start no worker (then `lab worker` joins)")
     sweep.add_argument("overrides", nargs="*", help="Hydra overrides applied to every trial")
 
     worker = sub.add_parser("worker", help="run trials of an existing study until its budget is spent")
@@ -82,6 +87,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     best.add_argument("--storage", default=None)
     best.add_argument("--out", default=None)
     best.add_argument("--export", default=None, help="write the experiment YAML here (default: conf/experiment/)")
+    server.add_parser(sub)
+    fetch.add_parser(sub)
     return parser
 
 
@@ -96,8 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     args = sweep_parser().parse_args(argv)
     from lab import sweep
 
+    commands = {"sweep": sweep.sweep_command, "worker": sweep.worker_command, "best": sweep.best_command,
+                "server": server.command, "data": fetch.data_command}
     try:
-        {"sweep": sweep.sweep_command, "worker": sweep.worker_command, "best": sweep.best_command}[args.command](args)
+        commands[args.command](args)
     except Exception as err:  # noqa: BLE001
         if user_error(err) is None:
             raise

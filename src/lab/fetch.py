@@ -1,14 +1,10 @@
-"""`lab data fetch NAME`: download a dataset into the layout lab's datamodules read.
+"""`lab data fetch NAME`: download a dataset into the layout lab's datamodules read (LAYOUTS).
 
-    flowers        ROOT/flower_photos/<class>/*.jpg           data=image_folder data.root=ROOT/flower_photos
-    cats_dogs      ROOT/cats_dogs/{Cat,Dog}/*.jpg             data=image_folder data.root=ROOT/cats_dogs
-    mnist          ROOT/mnist/*-idx?-ubyte.gz                 data=mnist data.root=ROOT/mnist
-    fashion_mnist  ROOT/fashion_mnist/*-idx?-ubyte.gz         data=fashion_mnist data.root=ROOT/fashion_mnist
-
-Downloads go to FILE.partial and resume with an HTTP Range request; archives are checked (SHA-256)
+Downloads go to ROOT/FILE.partial and resume with an HTTP Range request; archives are checked (SHA-256)
 before extraction and extracted into a temporary folder that is renamed into place.
-Only the standard library is imported here: `lab --help` must not pay for torch.
+Only the standard library is imported at module level: `lab --help` must not pay for torch.
 """
+import argparse
 import hashlib
 import http.client
 import os
@@ -26,6 +22,15 @@ from urllib.request import Request, urlopen
 
 from lab.errors import LabError
 
+LAYOUTS = """\
+datasets, where they land, and the overrides that train on them:
+  flowers        ROOT/flower_photos/<class>/*.jpg    data=image_folder data.root=ROOT/flower_photos
+  cats_dogs      ROOT/cats_dogs/{Cat,Dog}/*.jpg      data=image_folder data.root=ROOT/cats_dogs
+                 (unreadable images are moved to ROOT/cats_dogs_rejected/, listed in REJECTED.txt)
+  mnist          ROOT/mnist/*-ubyte.gz               data=mnist data.root=ROOT/mnist
+  fashion_mnist  ROOT/fashion_mnist/*-ubyte.gz       data=fashion_mnist data.root=ROOT/fashion_mnist
+                 (nothing to download when /usr/share/datasets/fashion-mnist has the files)
+"""
 CHUNK = 1 << 16
 TIMEOUT_S = 30
 ATTEMPTS = 5  # per file; a new attempt is made only when the previous one received bytes
@@ -84,13 +89,15 @@ DATASETS = {
 def add_parser(subparsers) -> None:
     data = subparsers.add_parser("data", help="download datasets")
     sub = data.add_subparsers(dest="data_command", metavar="fetch", required=True)
-    fetch = sub.add_parser("fetch", help="download a dataset into ROOT in the layout its datamodule reads")
+    fetch = sub.add_parser("fetch", help="download a dataset into ROOT in the layout its datamodule reads",
+                           epilog=LAYOUTS, formatter_class=argparse.RawDescriptionHelpFormatter)
     fetch.add_argument("name", choices=list(DATASETS))
     fetch.add_argument("--root", default="data", help="folder that receives the dataset (default: data)")
     fetch.add_argument("--url", default=None,
                        help="download from here instead: a mirror, file:///path or http://127.0.0.1:PORT/...; "
                             "for mnist/fashion_mnist the folder holding the four .gz files")
-    fetch.add_argument("--sha256", default=None, help="expected SHA-256 of the archive fetched from --url")
+    fetch.add_argument("--sha256", default=None,
+                       help="expected SHA-256 of the archive; with --url the pinned one cannot apply")
     fetch.add_argument("--force", action="store_true", help="fetch again even when the dataset is already there")
 
 

@@ -6,7 +6,6 @@ Journal file storage is the default (many processes on one host, no "database is
 import json
 import logging
 import os
-import re
 import socket
 import time
 import zlib
@@ -18,17 +17,16 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from lab.errors import LabError
+from lab.tracking import mask_password
 from lab.spec import Sweep, grid_values
 
 log = logging.getLogger(__name__)
-HEARTBEAT_S = 30  # RDB only: a trial without a heartbeat for GRACE_S is failed and retried
-GRACE_S = 120
+# RDB only: a trial without a heartbeat for GRACE_S seconds is failed and retried. Environment overrides
+# exist for tests and for clusters whose schedulers pause jobs.
+HEARTBEAT_S = int(os.environ.get("LAB_HEARTBEAT_S", 30))
+GRACE_S = int(os.environ.get("LAB_GRACE_S", 120))
 RETRY_OF = "lab.retry_of"  # user attr of a queued trial: the number of the trial it repeats
 RESUME_FROM = "lab.resume_from"  # user attr of a queued trial: the checkpoint it continues from
-
-
-def mask_password(url: str) -> str:
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", str(url))
 
 
 def is_rdb(storage: str) -> bool:
@@ -59,11 +57,12 @@ def repair_journal(path: Path) -> Path | None:
     return aside
 
 
-def open_storage(storage: str, repair: bool = False):
+def open_storage(storage: str, repair: bool = False, on_stale=None):
+    """on_stale(study, trial): RDB storage calls it for each trial whose heartbeat stopped."""
     if is_rdb(storage):
         try:
             return RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                              failed_trial_callback=lambda study, trial: retry(study, trial, "heartbeat lost"))
+                              failed_trial_callback=on_stale)
         except Exception as err:  # noqa: BLE001 - unreachable server, bad driver, bad URL
             raise LabError(f"cannot open Optuna storage {mask_password(storage)}: {err}") from err
     path = Path(storage)
@@ -111,9 +110,10 @@ def identity(sweep: Sweep) -> dict[str, str]:
     return {"lab.metric": sweep.spec.metric, "lab.direction": sweep.spec.direction, "lab.space": sweep.space_json()}
 
 
-def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, repair: bool = False) -> optuna.Study:
+def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, repair: bool = False,
+                     on_stale=None) -> optuna.Study:
     """Create the study, or check that the stored one is the same experiment."""
-    store = open_storage(storage, repair)
+    store = open_storage(storage, repair, on_stale)
     names = {s.study_name for s in optuna.study.get_all_study_summaries(store, include_best_trial=False)}
     study = optuna.create_study(study_name=sweep.spec.study, storage=store, sampler=make_sampler(sweep, worker_id),
                                 pruner=make_pruner(sweep), direction=sweep.spec.direction, load_if_exists=True)
@@ -150,7 +150,7 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> 
         # Another process's trial: Optuna has no public attribute setter for it short of the storage.
         study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)  # noqa: SLF001
         study.tell(trial.number, state=TrialState.FAIL)
-    attrs = {RETRY_OF: trial.number}
+    attrs = {RETRY_OF: trial.number, "lab.retry_reason": reason}
     last = Path(trial.user_attrs.get("checkpoint_dir", "/nonexistent")) / "last.ckpt"
     if last.is_file():
         attrs[RESUME_FROM] = str(last)

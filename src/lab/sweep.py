@@ -45,16 +45,10 @@ def locations(args, sweep: spec.Sweep) -> tuple[Path, str]:
 
 
 def reap(study: optuna.Study, uri: str) -> int:
-    """Trials left RUNNING by a worker that died: fail them, end their MLflow runs, queue them again."""
+    """Trials left RUNNING by a worker of this host that died: journal storage has no heartbeat."""
     stale = studies.stale_trials(study)
-    client = MlflowClient(uri)
     for trial in stale:
-        studies.retry(study, trial, "worker process died")
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "trial.state", "FAIL")
-            client.set_tag(run_id, "trial.reason", "worker process died")
-            client.set_terminated(run_id, "FAILED")
+        worker.abandon(study, trial, uri, "worker process died")
     return len(stale)
 
 
@@ -87,6 +81,9 @@ def sweep_command(args) -> None:
     study = studies.create_or_resume(sweep, storage, repair=True)
     reaped = reap(study, uri)
     parent = sweep_tracking.parent_run(study, sweep, uri, storage)
+    if args.prepare:  # cluster use: the study and parent run exist before N `lab worker`s join
+        print(f"prepared study {sweep.spec.study} in {tracking.mask_password(storage)}; MLflow parent run {parent}")
+        return
     slots = choose_slots(args, sweep)
     started = time.time()
     deadline = worker.deadline_from(sweep.spec.timeout, started)
@@ -94,8 +91,8 @@ def sweep_command(args) -> None:
     done = studies.used_budget(study)
     print(f"study {sweep.spec.study}: {done}/{sweep.spec.n_trials} trials already used"
           + (f", {reaped} stale trial(s) re-queued" if reaped else ""))
-    print(f"storage: {studies.mask_password(storage)}   (optuna-dashboard {studies.mask_password(storage)})")
-    print(f"mlflow:  {studies.mask_password(uri)}  experiment {sweep.mlflow_experiment!r}, parent run {parent}")
+    print(f"storage: {tracking.mask_password(storage)}   (optuna-dashboard {tracking.mask_password(storage)})")
+    print(f"mlflow:  {tracking.mask_password(uri)}  experiment {sweep.mlflow_experiment!r}, parent run {parent}")
     print(f"workers: {len(slots)} ({', '.join(s.name for s in slots)}); logs in {out_dir / 'workers'}")
 
     worker_args = [str(sweep.path), "--storage", storage, "--out", str(out_dir), *(
@@ -188,7 +185,7 @@ def best_command(args) -> None:
     try:
         study = optuna.load_study(study_name=sweep.spec.study, storage=studies.open_storage(storage))
     except KeyError as err:
-        raise LabError(f"no study {sweep.spec.study!r} in {studies.mask_password(storage)}: run `lab sweep "
+        raise LabError(f"no study {sweep.spec.study!r} in {tracking.mask_password(storage)}: run `lab sweep "
                        f"{args.sweep_file}` first, or pass --storage where it ran.") from err
     best = print_best(sweep, study)
     if best is None:

@@ -37,7 +37,7 @@ def parent_run(study: optuna.Study, sweep: Sweep, uri: str, storage: str) -> str
     params = {"study": spec.study, "experiment": spec.experiment, "overrides": json.dumps(sweep.base_overrides),
               "metric": spec.metric, "direction": spec.direction, "n_trials": spec.n_trials,
               "sampler": json.dumps(spec.sampler), "pruner": json.dumps(spec.pruner),
-              "storage": studies.mask_password(storage), "search_space": sweep.space_json()}
+              "storage": tracking.mask_password(storage), "search_space": sweep.space_json()}
     client.log_batch(run_id, params=[Param(k, str(v)[: tracking.MAX_PARAM_CHARS]) for k, v in params.items()])
     client.log_text(run_id, sweep.path.read_text(), "sweep.yaml")
     study.set_user_attr(PARENT_ATTR, run_id)

@@ -50,6 +50,11 @@ def experiment_id(uri: str, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def mask_password(text: str) -> str:
+    """scheme://user:secret@host -> scheme://user:***@host, for anything printed, logged or tagged."""
+    return re.sub(r"(://[^:/@\s]+:)[^@/\s]+@", r"\1***@", str(text))
+
+
 def flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in cfg.items():
@@ -57,7 +62,7 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict) and value:
             out.update(flatten(value, f"{name}."))
         else:
-            out[name] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            out[name] = mask_password(json.dumps(value) if isinstance(value, (list, dict)) else str(value))
     return out
 
 
@@ -122,7 +127,7 @@ def log_config(client: MlflowClient, run_id: str, cfg: DictConfig) -> None:
     params = [Param(k, v[:MAX_PARAM_CHARS]) for k, v in flatten(resolved).items()]
     for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=params[start : start + 100], synchronous=True)
-    client.log_text(run_id, OmegaConf.to_yaml(resolved), "config.yaml")
+    client.log_text(run_id, mask_password(OmegaConf.to_yaml(resolved)), "config.yaml")
 
 
 def log_test_report(client: MlflowClient, run_id: str, report: dict, step: int) -> None:

@@ -73,6 +73,15 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def abandon(study: optuna.Study, trial: optuna.trial.FrozenTrial, uri: str, reason: str) -> None:
+    """A trial whose worker is gone: fail and re-queue it, and end its MLflow run FAILED (nobody else will)."""
+    studies.retry(study, trial, reason)
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id and MlflowClient(uri).get_run(run_id).info.status == "RUNNING":
+        tag_run(uri, trial, "FAIL", reason)
+        MlflowClient(uri).set_terminated(run_id, "FAILED")
+
+
 def tag_run(uri: str, trial: optuna.trial.FrozenTrial | optuna.Trial, state: str, reason: str | None) -> None:
     run_id = trial.user_attrs.get("mlflow_run_id")
     if not run_id:
@@ -119,8 +128,9 @@ def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: fl
     signal.signal(signal.SIGTERM, raise_interrupted)
     signal.signal(signal.SIGINT, raise_interrupted)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = studies.create_or_resume(sweep, storage, worker_id)
     uri = tracking.tracking_uri()
+    study = studies.create_or_resume(sweep, storage, worker_id,
+                                     on_stale=lambda st, trial: abandon(st, trial, uri, "heartbeat lost"))
     parent = sweep_tracking.parent_run(study, sweep, uri, storage)
     lock = None if studies.is_rdb(storage) else out_dir / "budget.lock"
     host, ran = socket.gethostname(), 0

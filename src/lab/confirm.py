@@ -1,0 +1,119 @@
+"""`lab confirm`: rerun the best K trials of a study with S seeds each, to tell a better configuration from a
+lucky seed. Every rerun is an MLflow run nested under the sweep's parent run; mean +- std per configuration
+goes to stdout and to the parent run (confirm.csv, confirm/<rank>/mean|std, tag confirm_winner)."""
+import csv
+import io
+import json
+import math
+import shlex
+import time
+
+import numpy as np
+import optuna
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from lab import config, objective, results, train
+from lab.errors import LabError
+
+TEST_METRIC = "test/acc"
+
+
+def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+    return sorted(complete, key=lambda t: (sign * t.value, t.number))[:k]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def rerun(sweep, trial, seed: int, out_dir, parent: str) -> dict[str, float] | None:
+    # The trial's own overrides (base + params), minus pruning; seed= replaces the cfg.seed the trial ran with.
+    overrides = [*objective.trial_overrides(sweep, trial), f"seed={seed}"]
+    tags = {"confirm.trial": str(trial.number), "confirm.seed": str(seed), "study": sweep.spec.study,
+            "lab.command": "lab train " + shlex.join(overrides)}
+    try:
+        return train.run(config.load(overrides), out_dir / "confirm" / f"trial_{trial.number}_seed_{seed}",
+                         parent_run_id=parent, run_name=f"confirm-{trial.number}-seed-{seed}", tags=tags)
+    except Exception as err:  # noqa: BLE001 - one failed seed is a result (its run is FAILED), not the end
+        print(f"trial {trial.number} seed {seed} failed: {type(err).__name__}: {err}")
+        return None
+
+
+def table(sweep, rows: list[dict]) -> str:
+    metric = sweep.spec.metric
+    lines = [f"{'rank':>4} {'trial':>5} {'seeds':>5} {'sweep ' + metric:>16} {metric + ' mean +- std':>26} "
+             f"{TEST_METRIC + ' mean +- std':>26}  params"]
+    for r in rows:
+        lines.append(f"{r['rank']:>4} {r['trial']:>5} {r['seeds']:>5} {r['sweep_value']:>16.6g} "
+                     f"{r['mean']:>14.6g} +- {r['std']:<8.4g} {r['test_acc_mean']:>14.6g} +- {r['test_acc_std']:<8.4g}"
+                     f"  {r['params']}")
+    return "\n".join(lines)
+
+
+def winner(study: optuna.Study, rows: list[dict]) -> dict | None:
+    ranked = [r for r in rows if math.isfinite(r["mean"])]
+    if not ranked:
+        return None
+    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    return pick(ranked, key=lambda r: r["mean"])
+
+
+def log_parent(client: MlflowClient, parent: str, rows: list[dict], best: dict | None) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    client.log_text(parent, buf.getvalue(), "confirm.csv")
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"confirm/{r['rank']}/{stat}", r[stat], now, 0)
+               for r in rows for stat in ("mean", "std") if math.isfinite(r[stat])]
+    if metrics:
+        client.log_batch(parent, metrics=metrics, synchronous=True)
+    if best is not None:
+        client.set_tag(parent, "confirm_winner", str(best["trial"]))
+
+
+def command(args) -> None:
+    sweep, out_dir, study = results.open_study(args)
+    parent = results.parent_run_id(study)
+    trials = top_trials(study, args.top)
+    if not trials:
+        raise LabError(f"study {sweep.spec.study!r} has no completed trial to confirm.")
+    print(f"confirming the best {len(trials)} trial(s) of {sweep.spec.study!r} with seeds 0..{args.seeds - 1}: "
+          f"{len(trials) * args.seeds} runs under parent run {parent}")
+    rows = []
+    for rank, trial in enumerate(trials, 1):
+        runs = [rerun(sweep, trial, seed, out_dir, parent) for seed in range(args.seeds)]
+        done = [m for m in runs if m is not None]
+        mean, std = mean_std([m.get(sweep.spec.metric) for m in done])
+        test_mean, test_std = mean_std([m.get(TEST_METRIC) for m in done])
+        rows.append({"rank": rank, "trial": trial.number, "seeds": len(done), "sweep_value": trial.value,
+                     "mean": mean, "std": std, "test_acc_mean": test_mean, "test_acc_std": test_std,
+                     "params": json.dumps(trial.params)})
+    best = winner(study, rows)
+    print(table(sweep, rows))
+    log_parent(MlflowClient(results.mlflow_uri()), parent, rows, best)
+    if best is not None:
+        print(f"confirmed winner: trial {best['trial']} ({sweep.spec.metric} {best['mean']:.6g} +- {best['std']:.4g} "
+              f"over {best['seeds']} seeds)")
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("confirm", help="rerun the best trials with several seeds: mean +- std")
+    results.add_study_arguments(parser)
+    parser.add_argument("--top", type=positive, default=3, help="how many of the best completed trials")
+    parser.add_argument("--seeds", type=positive, default=3, help="seeds 0..S-1 per trial (at least 2 for a std)")
