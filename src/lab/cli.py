@@ -4,6 +4,8 @@
     lab sweep SWEEP.yaml [options] [overrides...]
     lab worker SWEEP.yaml --storage URL     join a running study from another shell or host
     lab best SWEEP.yaml [--export PATH]
+    lab confirm SWEEP.yaml [--top K] [--seeds S] [--storage URL] [--out DIR]
+    lab report SWEEP.yaml [--storage URL] [--out DIR]
     lab data fetch NAME [--root data] [--url URL] [--sha256 HEX] [--force]
     lab server [--backend-store-uri URI] [--artifacts DIR] [--host 127.0.0.1] [--port 5000]
 """
@@ -13,7 +15,7 @@ import os
 import sys
 import warnings
 
-from lab import fetch, server
+from lab import confirm, fetch, report, server
 from lab.errors import LabError, user_error
 
 EXIT_USER_ERROR = 2
@@ -21,7 +23,7 @@ EXIT_USER_ERROR = 2
 
 def quiet_libraries() -> None:
     """Hide advice aimed at other products and warnings a user cannot act on; keep real problems."""
-    for pattern in (".*litlogger.*", ".*LeafSpec.*", ".*smaller than the logging interval.*",
+    for pattern in (".*heartbeat_interval.*", ".*litlogger.*", ".*LeafSpec.*", ".*smaller than the logging interval.*",
                     ".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*"):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
@@ -89,6 +91,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     best.add_argument("--export", default=None, help="write the experiment YAML here (default: conf/experiment/)")
     server.add_parser(sub)
     fetch.add_parser(sub)
+    confirm.add_parser(sub)
+    report.add_parser(sub)
     return parser
 
 
@@ -104,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     from lab import sweep
 
     commands = {"sweep": sweep.sweep_command, "worker": sweep.worker_command, "best": sweep.best_command,
-                "server": server.command, "data": fetch.data_command}
+                "server": server.command, "data": fetch.data_command, "confirm": confirm.command,
+                "report": report.command}
     try:
         commands[args.command](args)
     except Exception as err:  # noqa: BLE001

@@ -4,6 +4,7 @@ goes to stdout and to the parent run (confirm.csv, confirm/<rank>/mean|std, tag 
 import csv
 import io
 import json
+import logging
 import math
 import shlex
 import time
@@ -35,15 +36,18 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def rerun(sweep, trial, seed: int, out_dir, parent: str) -> dict[str, float] | None:
     # The trial's own overrides (base + params), minus pruning; seed= replaces the cfg.seed the trial ran with.
-    overrides = [*objective.trial_overrides(sweep, trial), f"seed={seed}"]
+    overrides = [*objective.trial_overrides(sweep, trial), f"seed={seed}"]  # FrozenTrial has .params too
     tags = {"confirm.trial": str(trial.number), "confirm.seed": str(seed), "study": sweep.spec.study,
             "lab.command": "lab train " + shlex.join(overrides)}
     try:
-        return train.run(config.load(overrides), out_dir / "confirm" / f"trial_{trial.number}_seed_{seed}",
-                         parent_run_id=parent, run_name=f"confirm-{trial.number}-seed-{seed}", tags=tags)
+        metrics = train.run(config.load(overrides), out_dir / "confirm" / f"trial_{trial.number}_seed_{seed}",
+                            parent_run_id=parent, run_name=f"confirm-{trial.number}-seed-{seed}", tags=tags)
     except Exception as err:  # noqa: BLE001 - one failed seed is a result (its run is FAILED), not the end
-        print(f"trial {trial.number} seed {seed} failed: {type(err).__name__}: {err}")
+        print(f"trial {trial.number} seed {seed}: failed: {type(err).__name__}: {err}")
         return None
+    print(f"trial {trial.number} seed {seed}: {sweep.spec.metric}={metrics.get(sweep.spec.metric, math.nan):.6g} "
+          f"{TEST_METRIC}={metrics.get(TEST_METRIC, math.nan):.6g}")
+    return metrics
 
 
 def table(sweep, rows: list[dict]) -> str:
@@ -88,6 +92,7 @@ def command(args) -> None:
         raise LabError(f"study {sweep.spec.study!r} has no completed trial to confirm.")
     print(f"confirming the best {len(trials)} trial(s) of {sweep.spec.study!r} with seeds 0..{args.seeds - 1}: "
           f"{len(trials) * args.seeds} runs under parent run {parent}")
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # K*S runs: one line each, not Lightning's banner
     rows = []
     for rank, trial in enumerate(trials, 1):
         runs = [rerun(sweep, trial, seed, out_dir, parent) for seed in range(args.seeds)]

@@ -56,6 +56,13 @@ class Classifier(pl.LightningModule):
         )
         self.test_report: dict | None = None  # filled at the end of testing, read by tracking
 
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The net's feature extractor, for Lightning's BackboneFinetuning; nets without one have none."""
+        if not hasattr(self.net, "backbone"):
+            raise AttributeError(f"{type(self.net).__name__} has no backbone to freeze; use model=resnet")
+        return self.net.backbone
+
     def forward(self, x):
         return self.net(x)
 

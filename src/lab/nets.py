@@ -143,5 +143,10 @@ class ResNet(nn.Module):
         features = self.model.fc.in_features
         self.model.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
 
+    @property
+    def backbone(self) -> nn.Module:
+        """Everything but the new head, for freezing (BackboneFinetuning) or a lower learning rate."""
+        return nn.ModuleList(m for name, m in self.model.named_children() if name != "fc")
+
     def forward(self, x):
         return self.model(x)

@@ -13,11 +13,14 @@ def open_study(args) -> tuple[spec.Sweep, Path, optuna.Study]:
     """The sweep file, its output folder and its study; args has sweep_file, storage, out."""
     sweep = spec.load(args.sweep_file, check=False)
     out_dir, storage = locations(args, sweep)
+    missing = LabError(f"no study {sweep.spec.study!r} in {tracking.mask_password(storage)}: run `lab sweep "
+                       f"{args.sweep_file}` first, or pass --storage/--out where it ran.")
+    if not studies.is_rdb(storage) and not Path(storage).is_file():
+        raise missing  # opening a journal that is not there would create an empty one
     try:
         study = optuna.load_study(study_name=sweep.spec.study, storage=studies.open_storage(storage))
     except KeyError as err:
-        raise LabError(f"no study {sweep.spec.study!r} in {studies.mask_password(storage)}: run `lab sweep "
-                       f"{args.sweep_file}` first, or pass --storage/--out where it ran.") from err
+        raise missing from err
     return sweep, out_dir, study
 
 

@@ -44,12 +44,9 @@ def locations(args, sweep: spec.Sweep) -> tuple[Path, str]:
     return out_dir, storage
 
 
-def reap(study: optuna.Study, uri: str) -> int:
-    """Trials left RUNNING by a worker of this host that died: journal storage has no heartbeat."""
-    stale = studies.stale_trials(study)
-    for trial in stale:
-        worker.abandon(study, trial, uri, "worker process died")
-    return len(stale)
+def reap(study: optuna.Study, uri: str, storage: str, out_dir: Path) -> int:
+    with worker.budget_lock(None if studies.is_rdb(storage) else out_dir / "budget.lock"):
+        return worker.reap(study, uri, storage)
 
 
 def choose_slots(args, sweep: spec.Sweep) -> list[pool.Slot]:
@@ -79,7 +76,7 @@ def sweep_command(args) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = uri  # inherited by every worker
     tracking.experiment_id(uri, sweep.mlflow_experiment)
     study = studies.create_or_resume(sweep, storage, repair=True)
-    reaped = reap(study, uri)
+    reaped = reap(study, uri, storage, out_dir)
     parent = sweep_tracking.parent_run(study, sweep, uri, storage)
     if args.prepare:  # cluster use: the study and parent run exist before N `lab worker`s join
         print(f"prepared study {sweep.spec.study} in {tracking.mask_password(storage)}; MLflow parent run {parent}")
@@ -109,7 +106,7 @@ def sweep_command(args) -> None:
         while workers.running:
             for name in workers.poll():
                 print(f"worker {name} exited with an error; see {out_dir / 'workers' / (name + '.log')}")
-                reap(study, uri)
+                reap(study, uri, storage, out_dir)
             view.show(live.lines(sweep, study, workers, started))
             time.sleep(POLL_S)
         workers.poll()
@@ -118,7 +115,7 @@ def sweep_command(args) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the orderly stop short
         print(f"\n{stop}: stopping workers (each marks its trial and ends its MLflow run KILLED) ...")
         workers.stop()
-    reap(study, uri)
+    reap(study, uri, storage, out_dir)
     view.show(live.lines(sweep, study, workers, started))
     client = MlflowClient(uri)
     skipped = sweep_tracking.log_summary(client, parent, study)

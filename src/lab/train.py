@@ -69,7 +69,7 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
         logger = tracking.EpochMLFlowLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=uri, run_id=run_id)
         checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", monitor=cfg.monitor.metric,
                                      mode=cfg.monitor.mode, save_last=True)
-        all_callbacks = [checkpoint, *callbacks]
+        all_callbacks = [checkpoint, *callbacks, *(instantiate(c) for c in cfg.get("callbacks", {}).values())]
         if cfg.early_stopping.patience:
             all_callbacks.append(EarlyStopping(cfg.monitor.metric, mode=cfg.monitor.mode,
                                                patience=cfg.early_stopping.patience))

@@ -28,6 +28,7 @@ from lab.objective import run_trial
 from lab.spec import Sweep
 
 log = logging.getLogger(__name__)
+IDLE_POLL_S = 2.0  # a worker waiting for the last running trials checks this often
 
 
 @contextlib.contextmanager
@@ -123,6 +124,19 @@ def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str,
     return state.name
 
 
+def reap(study: optuna.Study, uri: str, storage: str) -> int:
+    """Fail and re-queue trials whose worker is gone: RDB storage finds them by their stopped heartbeat,
+    journal storage (no heartbeat) by a dead process id on this host. Call with the budget lock held."""
+    if studies.is_rdb(storage):
+        before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        optuna.storages.fail_stale_trials(study)  # calls abandon() through the storage's callback
+        return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) - before
+    stale = studies.stale_trials(study)
+    for trial in stale:
+        abandon(study, trial, uri, "worker process died")
+    return len(stale)
+
+
 def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: float | None = None) -> int:
     """Returns the number of trials this worker ran."""
     signal.signal(signal.SIGTERM, raise_interrupted)
@@ -136,18 +150,25 @@ def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: fl
     host, ran = socket.gethostname(), 0
     while True:
         with budget_lock(lock):
-            if studies.is_rdb(storage):
-                optuna.storages.fail_stale_trials(study)
-            if studies.used_budget(study) >= sweep.spec.n_trials:
-                break
+            reap(study, uri, storage)
             if deadline is not None and time.time() >= deadline:
                 log.info("timeout reached: no new trials")
                 break
-            trial = study.ask(sweep.space)
-            for key, value in {"worker": worker_id, "host": host, "pid": os.getpid(),
-                               "device": os.environ.get("CUDA_VISIBLE_DEVICES", "cpu") or "cpu",
-                               "checkpoint_dir": str(out_dir / f"trial_{trial.number:04d}" / "checkpoints")}.items():
-                trial.set_user_attr(key, value)
+            if studies.used_budget(study) >= sweep.spec.n_trials:
+                # Stay while others run: a trial whose worker died is retried once it is found stale.
+                if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    break
+                trial = None
+            else:
+                trial = study.ask(sweep.space)
+                for key, value in {"worker": worker_id, "host": host, "pid": os.getpid(),
+                                   "device": os.environ.get("CUDA_VISIBLE_DEVICES", "cpu") or "cpu",
+                                   "checkpoint_dir": str(out_dir / f"trial_{trial.number:04d}" / "checkpoints"),
+                                   }.items():
+                    trial.set_user_attr(key, value)
+        if trial is None:
+            time.sleep(IDLE_POLL_S)
+            continue
         state = run_one(sweep, study, trial, parent, uri)
         ran += 1
         log.info("trial %d %s", trial.number, state)

@@ -1,0 +1,158 @@
+"""Across hosts: one study on a real PostgreSQL server shared by separate `lab worker` processes, and
+sweeps logging to a real `mlflow server` over HTTP under load. Marked slow."""
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from lab import server
+from test_faults import SLOW, BODY
+from test_sweep_e2e import LAB, children, journal, sweep_file, workdir  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.slow
+PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's postgresql package; .ci/run installs it)."""
+    if not PG_BIN:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    bin_dir = os.path.dirname(PG_BIN[-1])
+    data = tempfile.mkdtemp(prefix="lab-pg-", dir="/tmp")
+    as_user = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(data, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
+    run(f"{bin_dir}/initdb", "-D", f"{data}/db", "-A", "trust", "-U", "postgres")
+    run(f"{bin_dir}/pg_ctl", "-D", f"{data}/db", "-w", "-l", f"{data}/log",
+        "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start")
+    try:
+        run(f"{bin_dir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "lab")
+        yield f"postgresql://postgres@127.0.0.1:{port}/lab"
+    finally:
+        run(f"{bin_dir}/pg_ctl", "-D", f"{data}/db", "-m", "immediate", "stop")
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_workers_on_separate_hosts_share_one_postgres_study(workdir, postgres):
+    tmp, env = workdir
+    env = {**env, "LAB_HEARTBEAT_S": "1", "LAB_GRACE_S": "6"}
+    path = sweep_file(tmp / "pg.yaml", "on_postgres", BODY.format(n=4), extra=SLOW)
+    prepared = subprocess.run([*LAB, "sweep", str(path), "--storage", postgres, "--prepare"], cwd=tmp, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr
+    # Three "hosts": separate processes with their own working directories, one storage URL.
+    workers = []
+    for host in range(3):
+        cwd = tmp / f"host{host}"
+        cwd.mkdir()
+        workers.append(subprocess.Popen([*LAB, "worker", str(path), "--storage", postgres, "--worker-id", f"host{host}"],
+                                        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    study = optuna.load_study(study_name="on_postgres", storage=postgres)
+    victim, end = None, time.time() + 300
+    while victim is None and time.time() < end:
+        for t in study.get_trials(states=(TrialState.RUNNING,)):
+            if t.intermediate_values and t.user_attrs.get("worker") == "host0":
+                victim = t
+        time.sleep(0.3)
+    assert victim is not None, "host0 never ran a trial"
+    workers[0].send_signal(signal.SIGKILL)  # the "host" dies: no more heartbeats for its trial
+    try:
+        for proc in workers[1:]:
+            out, _ = proc.communicate(timeout=600)
+            assert proc.returncode == 0, out
+    except subprocess.TimeoutExpired:
+        states = [(t.number, t.state.name, t.user_attrs.get("worker")) for t in study.get_trials()]
+        raise AssertionError(f"workers did not finish; trials: {states}")
+    finally:
+        for proc in workers:
+            proc.kill()
+            proc.wait()
+
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4
+    dead = trials[victim.number]
+    assert dead.state == TrialState.FAIL
+    (retry,) = [t for t in trials if t.user_attrs.get("lab.retry_of") == victim.number]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["lab.retry_reason"] == "heartbeat lost"
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = children(client, study.user_attrs["mlflow_parent_run_id"])
+    numbers = [int(r.data.tags["trial.number"]) for r in runs]
+    assert sorted(numbers) == sorted(t.number for t in trials if t.state != TrialState.WAITING)  # each ran once
+    assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+
+
+LOAD = """
+metric: val/acc
+n_trials: 64
+sampler: {name: random, seed: 0}
+params:
+  model.optimizer.lr: {type: float, low: 1.0e-3, high: 1.0e-1, log: true}
+  model.net.dropout: {type: float, low: 0.0, high: 0.3}
+"""
+TINY = ("data.n_train=96", "data.n_test=32", "model.net.hidden=[8]", "trainer.max_epochs=1", "data.batch_size=32")
+METRICS = {"train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "test/loss", "test/acc",
+           "test/precision_macro", "test/recall_macro", "test/f1_macro"}
+
+
+def check_load(tmp, env, study_name):
+    trials = journal(tmp, study_name).get_trials()
+    assert len(trials) == 64 and all(t.state == TrialState.COMPLETE for t in trials)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = children(client, journal(tmp, study_name).user_attrs["mlflow_parent_run_id"])
+    assert len(runs) == 64
+    for run in runs:
+        assert METRICS <= set(run.data.metrics), run.info.run_id
+        assert run.info.status == "FINISHED"
+    logs = "".join(p.read_text() for p in (tmp / "runs" / study_name / "workers").glob("*.log"))
+    assert "database is locked" not in logs
+
+
+@pytest.mark.parametrize("through", ["sqlite", "mlflow_server"])
+def test_eight_workers_sixty_four_trials(workdir, through):
+    tmp, env = workdir
+    path = sweep_file(tmp / "load.yaml", f"load_{through}", LOAD, extra=TINY)
+    cmd = [*LAB, "sweep", str(path), "--workers", "8", "--no-live"]
+    if through == "sqlite":
+        done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stdout + done.stderr
+        check_load(tmp, env, f"load_{through}")
+        return
+    port = free_port()
+    with server.running(f"sqlite:///{tmp}/server.db", tmp / "artifacts", port=port, log_path=tmp / "server.log") as url:
+        env = {**env, "MLFLOW_TRACKING_URI": url}
+        done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stdout + done.stderr
+        check_load(tmp, env, f"load_{through}")
+        run = MlflowClient(url).search_runs(
+            [MlflowClient(url).get_experiment_by_name(f"load_{through}").experiment_id], max_results=1)[0]
+        assert "confusion_matrix.png" in {a.path for a in MlflowClient(url).list_artifacts(run.info.run_id)}
+    assert any((tmp / "artifacts").rglob("confusion_matrix.png"))  # stored by the server, not the client
+
+
+def test_server_refuses_public_host_without_auth(tmp_path):
+    from lab.errors import LabError
+
+    with pytest.raises(LabError, match="0.0.0.0"):
+        server.server_cmd("sqlite:///x.db", tmp_path, "0.0.0.0", 5000, auth=False)
+    assert "basic-auth" in server.server_cmd("sqlite:///x.db", tmp_path, "0.0.0.0", 5000, auth=True)
+    assert server.is_loopback("127.0.0.1") and server.is_loopback("::1") and not server.is_loopback("10.0.0.1")

@@ -1,0 +1,103 @@
+"""The nets on their own: shape checks, bad settings, local ResNet weights and freezing."""
+import pytest
+import torch
+import torchvision
+
+from lab.errors import LabError
+from lab.nets import CNN, MLP, Linear, ResNet
+
+
+@pytest.mark.parametrize("side", [7, 8, 28])
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_cnn_output_shape(side, kernel_size):
+    net = CNN((1, side, side), 5, channels=[4, 8], kernel_size=kernel_size, hidden=[16])
+    assert net(torch.zeros(3, 1, side, side)).shape == (3, 5)
+
+
+def test_cnn_image_too_small_names_size():
+    with pytest.raises(LabError, match="image size 3x3 is too small") as err:
+        CNN((1, 3, 3), 10, channels=[32, 64])
+    assert "4x4" in str(err.value)
+    CNN((1, 4, 4), 10, channels=[32, 64])  # the smallest that fits
+
+
+def test_cnn_even_kernel_raises():
+    with pytest.raises(LabError, match="kernel_size=4"):
+        CNN((1, 7, 7), 10, channels=[8], kernel_size=4)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: MLP((1, 8, 8), 10, activation="swish"),
+    lambda: CNN((1, 8, 8), 10, activation="swish"),
+])
+def test_unknown_activation_raises(make):
+    with pytest.raises(LabError, match="'swish'"):
+        make()
+
+
+def test_unknown_init_and_pool_raise():
+    with pytest.raises(LabError, match="'orthogonal'"):
+        Linear((1, 4, 4), 3, init="orthogonal")
+    with pytest.raises(LabError, match="'median'"):
+        CNN((1, 8, 8), 3, pool="median")
+
+
+@pytest.mark.parametrize("init", ["default", "he", "xavier"])
+def test_mlp_inits(init):
+    net = MLP((3, 4, 4), 7, hidden=[16, 8], activation="tanh", dropout=0.1, init=init)
+    assert net(torch.zeros(2, 3, 4, 4)).shape == (2, 7)
+    if init != "default":
+        assert all(not m.bias.detach().any() for m in net.modules() if isinstance(m, torch.nn.Linear))
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory):
+    torch.manual_seed(123)
+    state = torchvision.models.resnet18().state_dict()
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_resnet_loads_local_weights(resnet18_file):
+    path, state = resnet18_file
+    net = ResNet((3, 32, 32), 4, weights=str(path))
+    for name in ("conv1.weight", "layer3.1.conv2.weight", "layer4.0.bn1.running_var"):
+        assert torch.equal(net.model.state_dict()[name], state[name]), name
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_resnet_grayscale_input_sums_pretrained_filters(resnet18_file):
+    path, state = resnet18_file
+    net = ResNet((1, 32, 32), 3, weights=str(path))
+    assert torch.allclose(net.model.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
+    assert net(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
+
+
+def test_resnet_freeze_backbone_trains_head_only(resnet18_file):
+    path, _ = resnet18_file
+    net = ResNet((3, 32, 32), 4, weights=str(path), freeze="backbone", dropout=0.2)
+    trainable = {name for name, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"model.fc.1.weight", "model.fc.1.bias"}
+    everything = ResNet((3, 32, 32), 4, freeze="none")
+    assert all(p.requires_grad for p in everything.parameters())
+
+
+@pytest.mark.parametrize("weights", ["/no/such/resnet18.pth", "IMAGENET_NOPE"])
+def test_resnet_bad_weights_name_raises(weights):
+    with pytest.raises(LabError, match=f"model.net.weights={weights}"):
+        ResNet((3, 32, 32), 4, weights=weights)
+
+
+def test_resnet_weights_of_another_arch_raise(tmp_path):
+    path = tmp_path / "small.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, path)
+    with pytest.raises(LabError, match="does not fit resnet18"):
+        ResNet((3, 32, 32), 4, weights=str(path))
+
+
+def test_resnet_bad_arch_and_freeze_raise():
+    with pytest.raises(LabError, match="'resnet7'"):
+        ResNet((3, 32, 32), 4, arch="resnet7")
+    with pytest.raises(LabError, match="'head'"):
+        ResNet((3, 32, 32), 4, freeze="head")

@@ -1,0 +1,112 @@
+"""The real `lab train` console script in a scratch directory: a run, bad inputs, --cfg job."""
+import os
+import subprocess
+import time
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+QUIET = ["trainer.enable_progress_bar=false"]
+
+
+def one_class_folder(tmp):
+    from PIL import Image
+
+    (tmp / "one" / "lonely").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(tmp / "one" / "lonely" / f"{i}.png")
+    return tmp / "one"
+
+
+# name: (arguments, text the error must name); each starts Python, torch and Lightning: ~10 s of CPU.
+BAD = {
+    "unknown_override": (["foo=1"], "foo"),
+    "missing_folder": (["data=image_folder", "data.root=/nonexistent"], "/nonexistent"),
+    "root_not_set": (["data=image_folder"], "data.root"),
+    "one_class": (["data=image_folder", "data.root={one}", "data.cache_dir=null"], "lonely"),
+    "cnn_too_small": (["data=synthetic", "data.size=2", "model=cnn"], "2x2"),
+    "batch_too_large": (["data=synthetic", "data.batch_size=100000"], "100000"),
+}
+GOOD = {
+    "train": ["data=synthetic", "trainer.max_epochs=1", "data.n_train=256", "data.n_test=64"],
+    "cfg_job": ["--cfg", "job", "data=digits"],
+}
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory, lab_exe):
+    """Runs every command of this module at once (they are mostly import time) and collects the results."""
+    procs = {}
+    for name, args in {**{k: v[0] for k, v in BAD.items()}, **GOOD}.items():
+        cwd = tmp_path_factory.mktemp(name)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "MLFLOW_"))}
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{cwd / 'mlflow.db'}"
+        args = [a.format(one=one_class_folder(cwd)) if "{one}" in a else a for a in args]
+        extra = QUIET if "--cfg" not in args else []
+        procs[name] = (subprocess.Popen([lab_exe, "train", *args, *extra], cwd=cwd, env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE), cwd)
+    results, start = {}, time.monotonic()
+    for name, (proc, cwd) in procs.items():
+        try:
+            out, err = proc.communicate(timeout=max(1, 600 - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        results[name] = (proc.returncode, out, err, cwd)
+    return results
+
+
+def test_train_one_epoch(cli):
+    rc, out, err, cwd = cli["train"]
+    assert rc == 0, err[-3000:]
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["lab.command"].startswith("lab train data=synthetic trainer.max_epochs=1")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0]
+    assert "test/f1_macro" in run.data.metrics
+    assert (cwd / "mlruns").is_dir() and (cwd / "outputs").is_dir()  # everything stays in the working dir
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_is_one_short_message(cli, name):
+    rc, out, err, cwd = cli[name]
+    assert rc != 0
+    assert "Traceback" not in err, err[-3000:]
+    assert BAD[name][1] in err, err[-3000:]
+    assert len(err.strip().splitlines()) <= 10, err[-3000:]
+    assert not (cwd / "mlflow.db").exists()  # rejected before any run was created
+
+
+def test_cfg_job_prints_config(cli):
+    rc, out, err, cwd = cli["cfg_job"]
+    assert rc == 0, err[-3000:]
+    cfg = yaml.safe_load(out)
+    assert cfg["data"]["_target_"] == "lab.data.digits.Digits"
+    assert cfg["model"]["net"]["_target_"] == "lab.nets.CNN"
+    assert not (cwd / "mlflow.db").exists()
+
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(FASHION), reason=f"{FASHION} is absent: apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_cnn_one_epoch(tmp_path, lab_exe, cli_env):
+    start = time.monotonic()
+    proc = subprocess.run([lab_exe, "train", "data=fashion_mnist", "model=cnn", "trainer.max_epochs=1", *QUIET,
+                           f"data.root={tmp_path / 'no_copy_here'}", "data.download=false"],
+                          cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=1800)
+    seconds = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(cli_env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED"
+    print(f"fashion_mnist cnn, 1 epoch: {seconds:.0f} s, test/acc {run.data.metrics['test/acc']:.4f}")
+    assert run.data.metrics["test/acc"] >= 0.85
+    assert run.data.metrics["test/f1/T-shirt/top"] > 0.5
+    report = client.download_artifacts(run.info.run_id, "confusion_matrix.csv", str(tmp_path))
+    assert sum(int(v) for line in open(report).read().splitlines()[1:] for v in line.split(",")[1:]) == 10000
