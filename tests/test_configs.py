@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from lab.config import conf_dir, load
-from lab.train import build
+from lab.train import build, run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
@@ -46,7 +46,7 @@ def test_data_model_pair(data, model, small_data):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment(experiment, small_data):
+def test_experiment(experiment, small_data, mlflow_uri, tmp_path):
     composed = load([f"experiment={experiment}"])
     cfg = load([f"experiment={experiment}", *small_data(composed.data._target_)])
     # The experiment still decides the data's kind and shape; only where it comes from changed.
@@ -57,3 +57,7 @@ def test_experiment(experiment, small_data):
     if composed.data.get("image_size"):
         assert datamodule.shape[1:] == (composed.data.image_size,) * 2
     assert logits.shape == (len(y), datamodule.num_classes)
+    # ...and trains for one epoch end to end at its own image size, callbacks and optimizer included.
+    results = run(load([f"experiment={experiment}", *small_data(composed.data._target_), "trainer.max_epochs=1",
+                        "trainer.enable_progress_bar=false"]), tmp_path / "out")
+    assert 0.0 <= results["test/acc"] <= 1.0 and results["train/loss"] == results["train/loss"]

@@ -62,7 +62,7 @@ def open_storage(storage: str, repair: bool = False, on_stale=None):
     if is_rdb(storage):
         try:
             return RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                              failed_trial_callback=on_stale)
+                              heartbeat_stale_trial_callback=on_stale)
         except Exception as err:  # noqa: BLE001 - unreachable server, bad driver, bad URL
             raise LabError(f"cannot open Optuna storage {mask_password(storage)}: {err}") from err
     path = Path(storage)

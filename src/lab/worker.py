@@ -48,14 +48,16 @@ def budget_lock(path: Path | None):
 
 @contextlib.contextmanager
 def heartbeat(study: optuna.Study, trial: optuna.Trial):
-    storage = study._storage  # noqa: SLF001 - the heartbeat API lives on the storage
-    if not isinstance(storage, optuna.storages.RDBStorage):
+    """Optuna records heartbeats only inside optimize(); under ask/tell this thread does it."""
+    storage = study._storage  # noqa: SLF001 - the heartbeat API lives on the (cache-wrapped) storage
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+    if not interval:
         yield
         return
     stop = threading.Event()
 
     def beat():
-        while not stop.wait(studies.HEARTBEAT_S):
+        while not stop.wait(interval):
             storage.record_heartbeat(trial._trial_id)  # noqa: SLF001
 
     storage.record_heartbeat(trial._trial_id)  # noqa: SLF001
