@@ -12,11 +12,12 @@
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 
 from lab import confirm, fetch, report, server
-from lab.errors import LabError, user_error
+from lab.errors import Interrupted, raise_interrupted, user_error
 
 EXIT_USER_ERROR = 2
 
@@ -56,7 +57,12 @@ def train_command(argv: list[str]) -> None:
             fail(user_error(err))
 
     sys.argv = ["lab train", *argv]
-    main()
+    signal.signal(signal.SIGTERM, raise_interrupted)  # the run ends KILLED, the exit status says so
+    try:
+        main()
+    except Interrupted as stop:
+        print(f"lab: interrupted by {stop}; the MLflow run was marked KILLED", file=sys.stderr)
+        sys.exit(130)
 
 
 def sweep_parser() -> argparse.ArgumentParser:
