@@ -110,3 +110,17 @@ def test_fashion_mnist_cnn_one_epoch(tmp_path, lab_exe, cli_env):
     assert run.data.metrics["test/f1/T-shirt/top"] > 0.5
     report = client.download_artifacts(run.info.run_id, "confusion_matrix.csv", str(tmp_path))
     assert sum(int(v) for line in open(report).read().splitlines()[1:] for v in line.split(",")[1:]) == 10000
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(FASHION), reason=f"{FASHION} is absent: apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_mlp_experiment_beats_zalandos_mlp_floor(tmp_path, lab_exe, cli_env):
+    # The experiment as shipped (15 epochs): Zalando's 256-128-100 MLP scored 0.883; the issue asks >= 0.87.
+    proc = subprocess.run([lab_exe, "train", "experiment=fashion_mnist_mlp", *QUIET,
+                           f"data.root={tmp_path / 'no_copy_here'}", "data.download=false"],
+                          cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(cli_env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("fashion_mnist_mlp").experiment_id])
+    assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 15
+    assert run.data.metrics["test/acc"] >= 0.87
