@@ -32,8 +32,8 @@ HERE = Path(__file__).resolve().parent
 # Everything that scales with the machine. cpu: 2 cores, the whole run in ~8 minutes when the machine is
 # otherwise idle; cuda: DESIGN.md section 3's sizes (full Fashion-MNIST epochs, 224 px).
 SIZES = {
-    "cpu": dict(cnn=dict(epochs=6, images=2048, batches=(64, 512)), val_fraction=0.02,
-                mlp=dict(epochs=4, images={16: 96, 256: 512}, size=224),
+    "cpu": dict(cnn=dict(epochs=5, images=2048, batches=(64, 512)), val_fraction=0.02,
+                mlp=dict(epochs=4, images={16: 64, 256: 512}, size=224),
                 resnet=dict(epochs=4, files=200, size=64, batch=32),
                 sweep=dict(lrs=[3e-4, 1e-3, 2e-3, 5e-3], epochs=2, batches=24, batch=128, args=["--workers", "2"]),
                 loader_workers=2),
@@ -189,7 +189,8 @@ def device_name(device: torch.device) -> str:
 
 def write_results(out: dict, command: str) -> None:
     lines = [f"\n## {out['date']}: {out['device']}\n",
-             f"torch {out['torch']}, pytorch-lightning {out['lightning']}, torchmetrics {out['torchmetrics']}; "
+             f"torch {out['torch']}, pytorch-lightning {out['lightning']}, torchmetrics {out['torchmetrics']}, "
+             f"{out['torch_threads']} torch thread(s) in the bench process; "
              f"1-minute load average before/after {out['loadavg_1m']}; {out['wall_s']} s in all. `{command}`\n",
              "| workload | pipeline | batch | throughput | ratio | per CPU-s | ratio | note |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -213,12 +214,20 @@ def write_results(out: dict, command: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="run on CUDA with full-size workloads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads of this process (default: 1 on CPU, torch's own on GPU)")
     args = parser.parse_args()
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("bench: --gpu given but torch sees no CUDA device")
     if not args.gpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # lab's accelerator=auto and the sweep's workers stay on the CPU
     device = torch.device("cuda" if args.gpu else "cpu")
+    # One thread on CPU: on a 2-core machine shared with other jobs, 2 OpenMP threads spin-wait on each other
+    # (measured at load 3.8: 250 img/s with 2 threads, 850 with 1, for the same CNN loop). The sweep's CPU
+    # workers run 1 thread each as well; the tutorial's DataLoader workers run beside this process as usual.
+    threads = args.threads or (None if args.gpu else 1)
+    if threads:
+        torch.set_num_threads(threads)
     through_lab.quiet()
     started, load_before = time.time(), os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="lab-bench-"))
@@ -245,7 +254,7 @@ def main() -> None:
         "lab_over_plain_b64_cpu": round(cnn_ratio[64]["cpu"], 3),
         "resnet_folder_over_synthetic_cpu": round(resnet_ratio["cpu"], 3),
         "device": device_name(device), "torch": torch.__version__, "lightning": pl.__version__,
-        "torchmetrics": torchmetrics.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torchmetrics": torchmetrics.__version__, "torch_threads": torch.get_num_threads(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "wall_s": round(time.time() - started, 1), "rows": b.table.rows,
     }
