@@ -9,7 +9,7 @@ validation), as-is and with the proposed changes patched in at runtime (src/ is 
 Per epoch: seconds ModelCheckpoint spends per improving epoch, save_last=True (as-is) vs save_last="link".
 On a CUDA machine it also counts host-device synchronizations per training step (torch's sync debug mode).
 """
-import sys
+import shutil
 import tempfile
 import time
 import types
@@ -147,9 +147,11 @@ def checkpoint_cost(overrides: list[str]) -> None:
         best = []
         cb = type("Best", (pl.Callback,), {"on_validation_end": lambda s, t, m: best.append(
             float(t.callback_metrics["val/loss"]))})()
+        tmp = Path(tempfile.mkdtemp(prefix="lab-overhead-"))
         try:
-            through_lab.run(overrides, Path(tempfile.mkdtemp(prefix="lab-overhead-")), "ckpt", extra_callbacks=(cb,))
+            through_lab.run(overrides, tmp, "ckpt", extra_callbacks=(cb,))
         finally:
+            shutil.rmtree(tmp, ignore_errors=True)
             ModelCheckpoint._save_checkpoint, ModelCheckpoint._link_checkpoint = real_save, real_link
             train.ModelCheckpoint = ModelCheckpoint
         improving = sum(1 for i, v in enumerate(best) if v < min(best[:i], default=float("inf")))
@@ -180,13 +182,12 @@ def cuda_syncs(steps: int = 50) -> None:
 def main() -> None:
     torch.set_num_threads(1)
     through_lab.quiet()
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else None
     per_step("tiny linear net (overhead only), batch 64",
              ["data=synthetic", "model=linear", "data.size=16", "data.n_train=30000", "data.batch_size=64"], 200, 4)
-    if root is not None:  # a folder with Fashion-MNIST idx files, e.g. what bench/run.py unpacked
-        per_step("lecture CNN on Fashion-MNIST, batch 64",
-                 ["data=fashion_mnist", "model=cnn", f"data.root={root}", "data.download=false", "data.batch_size=64",
-                  "data.val_fraction=0.02"], 25, 2)
+    # lab finds Debian's /usr/share/datasets/fashion-mnist by itself
+    per_step("lecture CNN on Fashion-MNIST, batch 64",
+             ["data=fashion_mnist", "model=cnn", "data.download=false", "data.batch_size=64", "data.val_fraction=0.02"],
+             25, 2)
     checkpoint_cost(["data=synthetic", "model=mlp", "model.net.hidden=[128]", "data.size=224", "data.in_channels=3",
                      "data.classes=5", "data.n_train=120", "data.batch_size=16", "trainer.max_epochs=4",
                      "trainer.limit_train_batches=2", "model.optimizer.lr=1e-4", "monitor.metric=val/loss",

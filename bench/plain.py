@@ -29,10 +29,11 @@ def train(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, n_
     """x: (N, C, H, W) uint8 on the CPU. Returns since() of each epoch of n_batches steps."""
     cuda = device.type == "cuda"
     fmt = torch.channels_last if cuda else torch.contiguous_format
-    # Normalized once, up front, as float: the least work a step can do.
-    xf = x.to(device).float().div_(255)
-    xf = ((xf - xf.mean()) / xf.std()).contiguous(memory_format=fmt)
-    y = y.to(device)
+    # uint8 resident (a gathered batch moves 4x fewer bytes than float), normalized per batch in place:
+    # x * 1/(255 std) - mean/std, with Python-float constants (no per-step host->device copies).
+    x, y = x.to(device), y.to(device)
+    std = x[:20000].float().std().item() / 255
+    scale, shift = 1 / (255 * std), -(x[:20000].float().mean().item() / 255) / std
     net = net.to(device, memory_format=fmt).train()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     times = []
@@ -41,8 +42,9 @@ def train(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, n_
         order = torch.randperm(len(y), device=device)
         for i in range(n_batches):
             idx = order[i * batch : (i + 1) * batch]
+            xb = x[idx].float().mul_(scale).add_(shift).contiguous(memory_format=fmt)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = F.cross_entropy(net(xf[idx]), y[idx])
+                loss = F.cross_entropy(net(xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
