@@ -196,11 +196,18 @@ class TensorDataModule(pl.LightningDataModule):
         x = x.float().div_(255)
         if training:
             x = self.augment(x)
-        mean, std = self.mean.to(x.device).view(1, -1, 1, 1), self.std.to(x.device).view(1, -1, 1, 1)
+        mean, std = self._stats_on(x.device)
         x = (x - mean) / std
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def _stats_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, C, 1, 1) mean and std on `device`, copied once: a host-to-GPU copy per batch would sync."""
+        cached = self.__dict__.get("_stats")
+        if cached is None or cached[0].device != device:
+            cached = self._stats = tuple(t.to(device).view(1, -1, 1, 1) for t in (self.mean, self.std))
+        return cached
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
