@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.callbacks import Callback
@@ -208,3 +209,15 @@ def test_keyboard_interrupt_ends_killed(mlflow_uri, tmp_path, keep_sigint):
                        expect=(KeyboardInterrupt, SystemExit))
     assert run.info.status == "KILLED"
     assert "lab.error" not in run.data.tags
+
+
+def test_last_checkpoint_is_the_last_epoch_not_the_best(mlflow_uri, tmp_path):
+    # lr=0: val/acc never improves after epoch 0, so the best checkpoint stays at epoch 0 while training
+    # goes on; a retried trial must resume from the last epoch, not from the best one.
+    cfg = load([*FAST, "trainer.max_epochs=3", "model.optimizer.lr=0", f"mlflow.tracking_uri={mlflow_uri}"])
+    train.run(cfg, tmp_path / "out")
+    checkpoints = tmp_path / "out" / "checkpoints"
+    last = torch.load(checkpoints / "last.ckpt", weights_only=False, map_location="cpu")
+    assert last["epoch"] == 2
+    best = [p.name for p in checkpoints.glob("*.ckpt") if p.name != "last.ckpt"]
+    assert len(best) == 1 and best[0].startswith("epoch=0-")

@@ -71,14 +71,16 @@ class Classifier(pl.LightningModule):
         if self.device.type == "cuda":  # NHWC weights to match the channels_last batches: cuDNN's fast convs
             self.net.to(memory_format=torch.channels_last)
 
-    def _loss(self, logits, y):
-        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+    def _loss(self, logits, y, reduction="mean"):
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing, reduction=reduction)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
         loss = self._loss(logits, y)
-        self.train_loss.update(loss.detach(), weight=y.numel())
+        # One value per sample, so that a short last batch counts by its size: MeanMetric with
+        # nan_strategy="disable" ignores its weight argument (torchmetrics 1.9).
+        self.train_loss.update(loss.detach().expand(y.numel()))
         self.train_acc.update(logits.detach(), y)
         if self.l1:
             loss = loss + self.l1 * sum(p.abs().sum() for p in self.net.parameters() if p.requires_grad)
@@ -99,7 +101,7 @@ class Classifier(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
-        self.val_loss.update(self._loss(logits, y), weight=y.numel())
+        self.val_loss.update(self._loss(logits, y, reduction="none"))  # (batch,) per-sample losses
         self.val_metrics.update(logits, y)
 
     def on_validation_epoch_end(self):
@@ -115,7 +117,7 @@ class Classifier(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
-        self.test_loss.update(self._loss(logits, y), weight=y.numel())
+        self.test_loss.update(self._loss(logits, y, reduction="none"))
         self.test_metrics.update(logits, y)
 
     def on_test_epoch_end(self):

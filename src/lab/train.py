@@ -68,8 +68,12 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
             client.log_text(run_id, "\n".join(skipped) + "\n", "skipped_images.txt")
         logger = tracking.EpochMLFlowLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=uri, run_id=run_id)
         checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", monitor=cfg.monitor.metric,
-                                     mode=cfg.monitor.mode, save_last=True)
-        all_callbacks = [checkpoint, *callbacks, *(instantiate(c) for c in cfg.get("callbacks", {}).values())]
+                                     mode=cfg.monitor.mode)
+        # last.ckpt every epoch, for a retried trial to resume where it was killed. save_last=True would
+        # rewrite it only in epochs where the best improved (Lightning 2.6), i.e. resume from the best epoch.
+        last = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                               enable_version_counter=False)
+        all_callbacks = [checkpoint, last, *callbacks, *(instantiate(c) for c in cfg.get("callbacks", {}).values())]
         if cfg.early_stopping.patience:
             all_callbacks.append(EarlyStopping(cfg.monitor.metric, mode=cfg.monitor.mode,
                                                patience=cfg.early_stopping.patience))
