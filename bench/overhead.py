@@ -3,10 +3,10 @@
 
 Per step: CPU seconds of the main thread with 1 torch thread (steady even on a shared machine), paired
 rounds of a plain loop and of lab's Classifier + datamodule under a Trainer (no logger, no checkpoint, no
-validation), as-is and with the proposed changes patched in at runtime (src/ is not touched):
-  sums:  training loss/accuracy as running sums on the device instead of torchmetrics objects (module.py)
-  affine: prepare_batch as one cached scale/shift instead of /255, -mean, /std with .to(device) per step (base.py)
-Per epoch: seconds ModelCheckpoint spends per improving epoch, save_last=True (as-is) vs save_last="link".
+validation), as-is and with proposed changes patched in at runtime (src/ is not touched):
+  affine: prepare_batch as one cached scale/shift (x * scale + shift) instead of /255, -mean, /std (base.py)
+  manual: manual optimization instead of Lightning's automatic closure (module.py)
+Per epoch: seconds the checkpoint callbacks spend writing (the best on improving epochs, last.ckpt every epoch).
 On a CUDA machine it also counts host-device synchronizations per training step (torch's sync debug mode).
 """
 import shutil
@@ -26,23 +26,21 @@ from lab import config, train
 from lab.module import Classifier
 
 
-class SumsClassifier(Classifier):
-    """The proposed module.py training metrics: [loss * n, correct] summed on the device, n on the host."""
+class ManualClassifier(Classifier):
+    """A proposal: manual optimization, i.e. Lightning's optimizer closure and its hooks skipped per step.
+
+    (Not in src: gradient clipping, accumulation and scheduler stepping would then be lab's to do.)"""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        loss = self._loss(logits, y)
-        with torch.no_grad():
-            self.train_sums += torch.stack([loss.detach() * y.numel(), (logits.argmax(1) == y).sum().float()])
-        self.train_n += y.numel()
-        return loss
-
-    def on_train_epoch_end(self):
-        loss_sum, correct = self.train_sums.tolist()  # one host sync per epoch
-        self.log_dict({"train/loss": loss_sum / self.train_n, "train/acc": correct / self.train_n})
-        self.train_sums.zero_()
-        self.train_n = 0
+        opt = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt.step()
 
 
 def affine_prepare(self, x, training):
@@ -91,10 +89,9 @@ def plain_epochs(cfg, dm, steps: int, epochs: int = 4) -> list[float]:
 
 def lab_epochs(cfg, dm, steps: int, variant: str, epochs: int = 4) -> list[float]:
     model = train.build(cfg)[1]
-    if "sums" in variant:
-        model.__class__ = SumsClassifier
-        model.register_buffer("train_sums", torch.zeros(2), persistent=False)
-        model.train_n = 0
+    if "manual" in variant:
+        model.__class__ = ManualClassifier
+        model.automatic_optimization = False
     if "affine" in variant:
         dm.prepare_batch = types.MethodType(affine_prepare, dm)
     timer = StepTimer()
@@ -111,7 +108,7 @@ def lab_epochs(cfg, dm, steps: int, variant: str, epochs: int = 4) -> list[float
 def per_step(name: str, overrides: list[str], steps: int, rounds: int) -> None:
     cfg = config.load(overrides)
     dm, _ = train.build(cfg)
-    variants = ["plain", "lab as-is", "lab + sums", "lab + affine", "lab + sums + affine"]
+    variants = ["plain", "lab as-is", "lab + affine", "lab + manual", "lab + affine + manual"]
     seen = {v: [] for v in variants}
     for r in range(rounds):  # paired rounds, order reversed every other round, so drift hits all variants alike
         for v in variants if r % 2 == 0 else variants[::-1]:
@@ -124,39 +121,29 @@ def per_step(name: str, overrides: list[str], steps: int, rounds: int) -> None:
 
 
 def checkpoint_cost(overrides: list[str]) -> None:
-    """Seconds and bytes ModelCheckpoint writes per improving epoch, as-is vs save_last='link'."""
-    print("\nModelCheckpoint per improving epoch (lecture-4 MLP, 19.3M parameters + Adam state):")
-    real_save, real_link = ModelCheckpoint.__dict__["_save_checkpoint"], ModelCheckpoint.__dict__["_link_checkpoint"]
-    for name, extra in (("save_last=True (as-is)", {}), ('save_last="link"', {"save_last": "link"})):
-        log = {"s": 0.0, "bytes": 0, "saves": 0}
+    """Seconds and bytes the checkpoint callbacks write per epoch: the best when it improves, last.ckpt always."""
+    print("\nCheckpoint writes per epoch (lecture-4 MLP, 19.3M parameters + Adam state):")
+    real_save = ModelCheckpoint.__dict__["_save_checkpoint"]
+    log = {"s": 0.0, "bytes": 0, "saves": 0}
 
-        def save(self, trainer, filepath):
-            start = time.perf_counter()
-            real_save(self, trainer, filepath)
-            log["s"] += time.perf_counter() - start
-            log["bytes"] += Path(filepath).stat().st_size
-            log["saves"] += 1
+    def save(self, trainer, filepath):
+        start = time.perf_counter()
+        real_save(self, trainer, filepath)
+        log["s"] += time.perf_counter() - start
+        log["bytes"] += Path(filepath).stat().st_size
+        log["saves"] += 1
 
-        def link(trainer, filepath, linkpath):
-            start = time.perf_counter()
-            real_link.__func__(trainer, filepath, linkpath)
-            log["s"] += time.perf_counter() - start
-
-        ModelCheckpoint._save_checkpoint, ModelCheckpoint._link_checkpoint = save, staticmethod(link)
-        train.ModelCheckpoint = lambda *a, **k: ModelCheckpoint(*a, **{**k, **extra})  # noqa: B023
-        best = []
-        cb = type("Best", (pl.Callback,), {"on_validation_end": lambda s, t, m: best.append(
-            float(t.callback_metrics["val/loss"]))})()
-        tmp = Path(tempfile.mkdtemp(prefix="lab-overhead-"))
-        try:
-            through_lab.run(overrides, tmp, "ckpt", extra_callbacks=(cb,))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            ModelCheckpoint._save_checkpoint, ModelCheckpoint._link_checkpoint = real_save, real_link
-            train.ModelCheckpoint = ModelCheckpoint
-        improving = sum(1 for i, v in enumerate(best) if v < min(best[:i], default=float("inf")))
-        print(f"  {name:24} {log['s'] / improving:6.2f} s and {log['bytes'] / improving / 1e6:5.0f} MB per improving "
-              f"epoch ({improving} of {len(best)} improved, {log['saves']} files written)")
+    epochs = []
+    cb = type("Epochs", (pl.Callback,), {"on_validation_end": lambda s, t, m: epochs.append(t.current_epoch)})()
+    tmp = Path(tempfile.mkdtemp(prefix="lab-overhead-"))
+    ModelCheckpoint._save_checkpoint = save
+    try:
+        through_lab.run(overrides, tmp, "ckpt", extra_callbacks=(cb,))
+    finally:
+        ModelCheckpoint._save_checkpoint = real_save
+        shutil.rmtree(tmp, ignore_errors=True)
+    n = len(epochs)
+    print(f"  {log['s'] / n:6.2f} s and {log['bytes'] / n / 1e6:5.0f} MB per epoch ({log['saves']} files in {n} epochs)")
 
 
 def cuda_syncs(steps: int = 50) -> None:
@@ -167,7 +154,7 @@ def cuda_syncs(steps: int = 50) -> None:
     cfg = config.load(["data=synthetic", "model=cnn", "data.size=28", "data.n_train=20000", "data.batch_size=512"])
     dm, _ = train.build(cfg)
     print(f"\nsynchronizing CUDA calls per training step ({steps} steps, epoch boundaries included):")
-    for variant in ("lab as-is", "lab + sums + affine"):
+    for variant in ("lab as-is", "lab + affine + manual"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")

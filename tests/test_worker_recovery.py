@@ -26,7 +26,7 @@ def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(tmp_path, mlflow_u
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real(sweep_, trial, parent)
 
-    monkeypatch.setattr(worker, "run_trial", first_one_runs_out_of_memory)
+    monkeypatch.setattr(objective, "run_trial", first_one_runs_out_of_memory)
     ran = worker.work(sweep, str(tmp_path / "study.journal"), tmp_path, "w0")
     study = optuna.load_study(study_name="oom", storage=studies.open_storage(str(tmp_path / "study.journal")))
     trials = study.get_trials()

@@ -16,7 +16,6 @@ import signal
 import sys
 import warnings
 
-from lab import confirm, fetch, report, server
 from lab.errors import Interrupted, raise_interrupted, user_error
 
 EXIT_USER_ERROR = 2
@@ -66,6 +65,8 @@ def train_command(argv: list[str]) -> None:
 
 
 def sweep_parser() -> argparse.ArgumentParser:
+    from lab import confirm, fetch, report, server  # mlflow, sklearn, matplotlib: seconds, not for `lab --help`
+
     parser = argparse.ArgumentParser(prog="lab", description="Hyperparameter sweeps with Optuna, tracked in MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         return
     args = sweep_parser().parse_args(argv)
-    from lab import sweep
+    from lab import confirm, fetch, report, server, sweep
 
     commands = {"sweep": sweep.sweep_command, "worker": sweep.worker_command, "best": sweep.best_command,
                 "server": server.command, "data": fetch.data_command, "confirm": confirm.command,

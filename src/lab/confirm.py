@@ -15,7 +15,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from lab import config, objective, results, train
+from lab import config, results
 from lab.errors import LabError
 
 TEST_METRIC = "test/acc"
@@ -36,6 +36,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def rerun(sweep, trial, seed: int, out_dir, parent: str) -> dict[str, float] | None:
     # The trial's own overrides (base + params), minus pruning; seed= replaces the cfg.seed the trial ran with.
+    from lab import objective, train  # Lightning's imports (~7 s) only when something trains
+
     overrides = [*objective.trial_overrides(sweep, trial), f"seed={seed}"]  # FrozenTrial has .params too
     tags = {"confirm.trial": str(trial.number), "confirm.seed": str(seed), "study": sweep.spec.study,
             "lab.command": "lab train " + shlex.join(overrides)}

@@ -37,9 +37,12 @@ class Classifier(pl.LightningModule):
         self.label_smoothing, self.l1, self.scheduler_monitor = label_smoothing, l1, scheduler_monitor
         k = len(self.class_names)
         # nan_strategy="disable": a NaN loss must poison the mean (and fail the run), not be dropped from it.
-        self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
-        # validate_args=False: the input checks call .any() on device tensors, a host sync every step.
-        self.train_acc = MulticlassAccuracy(k, average="micro", validate_args=False)
+        self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(2))
+        # Training: (sum of per-sample losses, correct predictions) added up on the device, sample count on
+        # the host. MeanMetric + MulticlassAccuracy updates cost ~240 us of Python per step against ~50 us
+        # for this (bench on 1 CPU thread, batch 512), which is ~10% of a GPU step of the lecture CNN.
+        self.register_buffer("train_sums", torch.zeros(2), persistent=False)
+        self.train_n = 0
         self.val_metrics = MetricCollection(
             {"acc": MulticlassAccuracy(k, average="micro"), "f1_macro": MulticlassF1Score(k, average="macro")}
         )
@@ -78,24 +81,29 @@ class Classifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self._loss(logits, y)
-        # One value per sample, so that a short last batch counts by its size: MeanMetric with
-        # nan_strategy="disable" ignores its weight argument (torchmetrics 1.9).
-        self.train_loss.update(loss.detach().expand(y.numel()))
-        self.train_acc.update(logits.detach(), y)
+        with torch.no_grad():  # a short last batch counts by its size
+            self.train_sums += torch.stack([loss.float() * y.numel(), (logits.argmax(1) == y).sum().float()])
+        self.train_n += y.numel()
         if self.l1:
             loss = loss + self.l1 * sum(p.abs().sum() for p in self.net.parameters() if p.requires_grad)
         return loss
 
+    def train_epoch_means(self) -> tuple[float, float]:
+        """(mean loss, accuracy) over the samples trained on since the last call; starts the next epoch."""
+        loss_sum, correct = self.train_sums.tolist()  # one host sync per epoch
+        means = loss_sum / self.train_n, correct / self.train_n
+        self.train_sums.zero_()
+        self.train_n = 0
+        return means
+
     def _log_train_epoch(self):
-        loss = self.train_loss.compute()
-        self.log_dict({"train/loss": loss, "train/acc": self.train_acc.compute()})
-        self.train_loss.reset()
-        self.train_acc.reset()
-        if not math.isfinite(loss.item()):  # one host sync per epoch
-            raise Diverged(f"training loss is {loss.item()} in epoch {self.current_epoch}")
+        loss, acc = self.train_epoch_means()
+        self.log_dict({"train/loss": loss, "train/acc": acc})
+        if not math.isfinite(loss):
+            raise Diverged(f"training loss is {loss} in epoch {self.current_epoch}")
 
     def on_train_epoch_end(self):
-        if self.train_loss.update_count:  # no validation ran at the end of this epoch
+        if self.train_n:  # no validation ran at the end of this epoch
             self._log_train_epoch()
 
     def validation_step(self, batch, batch_idx):
@@ -111,7 +119,7 @@ class Classifier(pl.LightningModule):
         self.val_metrics.reset()
         # Train metrics are logged here too, so that callbacks that run at validation end (pruning,
         # checkpointing) see this epoch's complete set of metrics.
-        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking and self.train_loss.update_count:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking and self.train_n:
             self._log_train_epoch()
 
     def test_step(self, batch, batch_idx):

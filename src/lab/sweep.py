@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from lab import config, live, pool, spec, sweep_tracking, tracking, train, worker
+from lab import config, live, pool, spec, sweep_tracking, tracking, worker
 from lab import study as studies
 from lab.errors import Interrupted, LabError, raise_interrupted
 
@@ -56,6 +56,8 @@ def choose_slots(args, sweep: spec.Sweep) -> list[pool.Slot]:
         gpus = []  # --workers alone means CPU workers, even on a GPU machine
     per_gpu = 1
     if gpus and args.workers_per_gpu == "auto":
+        from lab import train  # Lightning's imports (~7 s), only for this measurement
+
         _, model = train.build(config.load(sweep.base_overrides))
         n_params = sum(p.numel() for p in model.parameters())
         memory = min(torch.cuda.get_device_properties(g).total_memory for g in gpus)

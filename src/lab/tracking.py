@@ -23,7 +23,6 @@ import numpy as np  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from pytorch_lightning.loggers import MLFlowLogger  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from lab.errors import Interrupted, StopRun  # noqa: E402
@@ -156,16 +155,3 @@ def log_test_report(client: MlflowClient, run_id: str, report: dict, step: int) 
     client.log_figure(run_id, fig, "confusion_matrix.png")
     plt.close(fig)
 
-
-class EpochMLFlowLogger(MLFlowLogger):
-    """Lightning's MLflow logger writing into a run we own: step = epoch, and no status changes.
-
-    Lightning's own finalize() would mark the run FINISHED after fit even if testing then crashes.
-    """
-
-    def log_metrics(self, metrics, step=None):
-        epoch = metrics.pop("epoch", None)
-        super().log_metrics(metrics, step=int(epoch) if epoch is not None else step)
-
-    def finalize(self, status: str = "success") -> None:
-        pass

@@ -11,10 +11,25 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import MLFlowLogger
 
 from lab import tracking
 
 log = logging.getLogger(__name__)
+
+
+class EpochMLFlowLogger(MLFlowLogger):
+    """Lightning's MLflow logger writing into a run tracking.run owns: step = epoch, and no status changes.
+
+    Lightning's own finalize() would mark the run FINISHED after fit even if testing then crashes.
+    """
+
+    def log_metrics(self, metrics, step=None):
+        epoch = metrics.pop("epoch", None)
+        super().log_metrics(metrics, step=int(epoch) if epoch is not None else step)
+
+    def finalize(self, status: str = "success") -> None:
+        pass
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict:
@@ -66,7 +81,7 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
         skipped = getattr(datamodule, "skipped", [])
         if skipped:
             client.log_text(run_id, "\n".join(skipped) + "\n", "skipped_images.txt")
-        logger = tracking.EpochMLFlowLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=uri, run_id=run_id)
+        logger = EpochMLFlowLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=uri, run_id=run_id)
         checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", monitor=cfg.monitor.metric,
                                      mode=cfg.monitor.mode)
         # last.ckpt every epoch, for a retried trial to resume where it was killed. save_last=True would

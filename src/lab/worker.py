@@ -24,7 +24,6 @@ from optuna.trial import TrialState
 from lab import study as studies
 from lab import sweep_tracking, tracking
 from lab.errors import Interrupted, LabError, raise_interrupted
-from lab.objective import run_trial
 from lab.spec import Sweep
 
 log = logging.getLogger(__name__)
@@ -100,7 +99,10 @@ def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str,
     state, value, reason = TrialState.FAIL, None, None
     try:
         with heartbeat(study, trial):
-            value = run_trial(sweep, trial, parent)
+            # Imported here: Lightning costs ~7 s of imports, which the sweep parent (it only reaps) skips.
+            from lab import objective
+
+            value = objective.run_trial(sweep, trial, parent)
         state = TrialState.COMPLETE
     except optuna.TrialPruned as pruned:
         state, reason = TrialState.PRUNED, str(pruned)
