@@ -82,7 +82,7 @@ class Classifier(pl.LightningModule):
         logits = self(x)
         loss = self._loss(logits, y)
         with torch.no_grad():  # a short last batch counts by its size
-            self.train_sums += torch.stack([loss.float() * y.numel(), (logits.argmax(1) == y).sum().float()])
+            self.train_sums.add_(torch.stack([loss.float() * y.numel(), (logits.argmax(1) == y).sum().float()]))
         self.train_n += y.numel()
         if self.l1:
             loss = loss + self.l1 * sum(p.abs().sum() for p in self.net.parameters() if p.requires_grad)
