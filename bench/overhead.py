@@ -6,7 +6,7 @@ rounds of a plain loop and of lab's Classifier + datamodule under a Trainer (no 
 validation), as-is and with proposed changes patched in at runtime (src/ is not touched):
   affine: prepare_batch as one cached scale/shift (x * scale + shift) instead of /255, -mean, /std (base.py)
   manual: manual optimization instead of Lightning's automatic closure (module.py)
-Per epoch: seconds the checkpoint callbacks spend writing (the best on improving epochs, last.ckpt every epoch).
+Per epoch: seconds spent writing checkpoints (the best on improving epochs; last.ckpt every epoch or once a minute).
 On a CUDA machine it also counts host-device synchronizations per training step (torch's sync debug mode).
 """
 import shutil
@@ -19,7 +19,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 import through_lab
 from lab import config, train
@@ -121,29 +120,31 @@ def per_step(name: str, overrides: list[str], steps: int, rounds: int) -> None:
 
 
 def checkpoint_cost(overrides: list[str]) -> None:
-    """Seconds and bytes the checkpoint callbacks write per epoch: the best when it improves, last.ckpt always."""
+    """Seconds and bytes of checkpoints written per epoch: the best when it improves, last.ckpt as configured."""
     print("\nCheckpoint writes per epoch (lecture-4 MLP, 19.3M parameters + Adam state):")
-    real_save = ModelCheckpoint.__dict__["_save_checkpoint"]
-    log = {"s": 0.0, "bytes": 0, "saves": 0}
+    real_save = pl.Trainer.save_checkpoint
+    for every_s in (0, 60):
+        log = {"s": 0.0, "bytes": 0, "saves": 0}
 
-    def save(self, trainer, filepath):
-        start = time.perf_counter()
-        real_save(self, trainer, filepath)
-        log["s"] += time.perf_counter() - start
-        log["bytes"] += Path(filepath).stat().st_size
-        log["saves"] += 1
+        def save(self, filepath, *args, **kwargs):
+            start = time.perf_counter()
+            real_save(self, filepath, *args, **kwargs)
+            log["s"] += time.perf_counter() - start
+            log["bytes"] += Path(filepath).stat().st_size
+            log["saves"] += 1
 
-    epochs = []
-    cb = type("Epochs", (pl.Callback,), {"on_validation_end": lambda s, t, m: epochs.append(t.current_epoch)})()
-    tmp = Path(tempfile.mkdtemp(prefix="lab-overhead-"))
-    ModelCheckpoint._save_checkpoint = save
-    try:
-        through_lab.run(overrides, tmp, "ckpt", extra_callbacks=(cb,))
-    finally:
-        ModelCheckpoint._save_checkpoint = real_save
-        shutil.rmtree(tmp, ignore_errors=True)
-    n = len(epochs)
-    print(f"  {log['s'] / n:6.2f} s and {log['bytes'] / n / 1e6:5.0f} MB per epoch ({log['saves']} files in {n} epochs)")
+        epochs = []
+        cb = type("Epochs", (pl.Callback,), {"on_validation_end": lambda s, t, m: epochs.append(t.current_epoch)})()
+        tmp = Path(tempfile.mkdtemp(prefix="lab-overhead-"))
+        pl.Trainer.save_checkpoint = save
+        try:
+            through_lab.run([*overrides, f"checkpoint.last_every_s={every_s}"], tmp, "ckpt", extra_callbacks=(cb,))
+        finally:
+            pl.Trainer.save_checkpoint = real_save
+            shutil.rmtree(tmp, ignore_errors=True)
+        n = len(epochs)
+        print(f"  last_every_s={every_s:<3} {log['s'] / n:6.2f} s and {log['bytes'] / n / 1e6:5.0f} MB per epoch "
+              f"({log['saves']} files in {n} epochs)")
 
 
 def cuda_syncs(steps: int = 50) -> None:

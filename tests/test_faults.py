@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -14,7 +15,8 @@ from lab.errors import LabError
 from test_sweep_e2e import LAB, journal, sweep_file, workdir  # noqa: F401 - fixture
 
 # Trials long enough (several epochs of ~1 s) to be caught in the middle.
-SLOW = ("data.n_train=6000", "data.size=24", "model.net.hidden=[256,256]", "trainer.max_epochs=4")
+SLOW = ("data.n_train=6000", "data.size=24", "model.net.hidden=[256,256]", "trainer.max_epochs=4",
+        "checkpoint.last_every_s=0")
 BODY = """
 metric: val/acc
 n_trials: {n}
@@ -39,7 +41,8 @@ def wait_for_running_trial(tmp, study_name, proc, timeout=300):
         except (KeyError, FileNotFoundError):
             running = []
         for trial in running:
-            if trial.intermediate_values and "mlflow_run_id" in trial.user_attrs:
+            last = Path(trial.user_attrs.get("checkpoint_dir", "/nonexistent")) / "last.ckpt"
+            if trial.intermediate_values and "mlflow_run_id" in trial.user_attrs and last.exists():
                 return trial
         time.sleep(0.3)
     raise AssertionError("no trial reached its second epoch in time")

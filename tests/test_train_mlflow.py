@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import Callback
 from sklearn.metrics import f1_score
 
 from lab import train
+from lab.errors import LabError
 from lab.config import load
 
 EPOCHS = 2
@@ -214,10 +215,25 @@ def test_keyboard_interrupt_ends_killed(mlflow_uri, tmp_path, keep_sigint):
 def test_last_checkpoint_is_the_last_epoch_not_the_best(mlflow_uri, tmp_path):
     # lr=0: val/acc never improves after epoch 0, so the best checkpoint stays at epoch 0 while training
     # goes on; a retried trial must resume from the last epoch, not from the best one.
-    cfg = load([*FAST, "trainer.max_epochs=3", "model.optimizer.lr=0", f"mlflow.tracking_uri={mlflow_uri}"])
+    cfg = load([*FAST, "trainer.max_epochs=3", "model.optimizer.lr=0", "checkpoint.last_every_s=0",
+                f"mlflow.tracking_uri={mlflow_uri}"])
     train.run(cfg, tmp_path / "out")
     checkpoints = tmp_path / "out" / "checkpoints"
     last = torch.load(checkpoints / "last.ckpt", weights_only=False, map_location="cpu")
     assert last["epoch"] == 2
-    best = [p.name for p in checkpoints.glob("*.ckpt") if p.name != "last.ckpt"]
-    assert len(best) == 1 and best[0].startswith("epoch=0-")
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name != "last.ckpt")[0].startswith("epoch=0-")
+    assert len(list(checkpoints.iterdir())) == 2  # the best and last.ckpt; no partial file left behind
+
+
+def test_last_checkpoint_waits_its_interval(mlflow_uri, tmp_path):
+    cfg = load([*FAST, "trainer.max_epochs=2", "checkpoint.last_every_s=3600", f"mlflow.tracking_uri={mlflow_uri}"])
+    train.run(cfg, tmp_path / "out")
+    assert not (tmp_path / "out" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_negative_checkpoint_interval_is_refused(mlflow_uri, tmp_path):
+    cfg = load([*FAST, "checkpoint.last_every_s=-1", f"mlflow.tracking_uri={mlflow_uri}"])
+    with pytest.raises(LabError, match=r"checkpoint.last_every_s=-1\b.*>= 0"):
+        train.run(cfg, tmp_path / "out")
+    client = MlflowClient(mlflow_uri)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])

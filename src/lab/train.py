@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
 from lab import tracking
+from lab.checkpoints import LastCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model = build(cfg)
     out_dir = Path(out_dir)
+    last = LastCheckpoint(out_dir / "checkpoints", cfg.checkpoint.last_every_s)  # checks its setting before a run exists
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     run_tags = {"seed": str(cfg.seed), "data": datamodule.name, "model": type(model.net).__name__, **(tags or {})}
     with tracking.run(uri, cfg.mlflow.experiment, run_name, parent_run_id, run_tags) as (client, run_id):
@@ -84,10 +86,6 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
         logger = EpochMLFlowLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=uri, run_id=run_id)
         checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", monitor=cfg.monitor.metric,
                                      mode=cfg.monitor.mode)
-        # last.ckpt every epoch, for a retried trial to resume where it was killed. save_last=True would
-        # rewrite it only in epochs where the best improved (Lightning 2.6), i.e. resume from the best epoch.
-        last = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
-                               enable_version_counter=False)
         all_callbacks = [checkpoint, last, *callbacks, *(instantiate(c) for c in cfg.get("callbacks", {}).values())]
         if cfg.early_stopping.patience:
             all_callbacks.append(EarlyStopping(cfg.monitor.metric, mode=cfg.monitor.mode,
