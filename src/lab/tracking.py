@@ -23,7 +23,6 @@ import numpy as np  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from lab.errors import Interrupted, StopRun  # noqa: E402
 
@@ -131,6 +130,8 @@ def log_config(client: MlflowClient, run_id: str, cfg: DictConfig) -> None:
 
 def log_test_report(client: MlflowClient, run_id: str, report: dict, step: int) -> None:
     """Per-class F1 metrics, classification_report.json, confusion_matrix.csv and .png."""
+    from sklearn.metrics import ConfusionMatrixDisplay  # ~1 s of imports: not for the sweep parent
+
     classes = list(report["classes"])
     confusion = report["confusion"]
     now = int(time.time() * 1000)  # Metric's timestamp is milliseconds since 1970; 0 would plot them in 1970
