@@ -6,6 +6,7 @@ Lightning's ModelCheckpoint(save_last=True) rewrites last.ckpt only in epochs wh
 The rule bounds both costs: at most `every_s` of training is lost, and the write (~1 s and 230 MB for
 the lecture-4 MLP with its Adam state) happens at most once per `every_s`, however short GPU epochs are.
 """
+import math
 import os
 import time
 from pathlib import Path
@@ -19,9 +20,13 @@ NAME = "last.ckpt"
 
 class LastCheckpoint(Callback):
     def __init__(self, dirpath: str | Path, every_s: float):
-        if not every_s >= 0:  # also refuses NaN
+        try:
+            seconds = float(every_s)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not seconds >= 0:  # also refuses NaN
             raise LabError(f"checkpoint.last_every_s={every_s} is not valid: use seconds >= 0 (0: every epoch).")
-        self.path, self.every_s = Path(dirpath) / NAME, float(every_s)
+        self.path, self.every_s = Path(dirpath) / NAME, seconds
         self.written_at = time.monotonic()
 
     def on_fit_start(self, trainer, pl_module):
