@@ -99,8 +99,7 @@ def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str,
     state, value, reason = TrialState.FAIL, None, None
     try:
         with heartbeat(study, trial):
-            # Imported here: Lightning costs ~7 s of imports, which the sweep parent (it only reaps) skips.
-            from lab import objective
+            from lab import objective  # not at the top: the sweep parent imports this module only to reap
 
             value = objective.run_trial(sweep, trial, parent)
         state = TrialState.COMPLETE
@@ -143,6 +142,8 @@ def reap(study: optuna.Study, uri: str, storage: str) -> int:
 
 def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: float | None = None) -> int:
     """Returns the number of trials this worker ran."""
+    from lab import objective  # noqa: F401 - Lightning's ~7 s of imports, paid before a trial's clock starts
+
     signal.signal(signal.SIGTERM, raise_interrupted)
     signal.signal(signal.SIGINT, raise_interrupted)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
