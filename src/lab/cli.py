@@ -103,6 +103,19 @@ def sweep_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Hydra overrides may stand anywhere after the sweep file, options too: `--workers 2 lr=0.1 --no-live`.
+    (argparse alone stops filling a nargs='*' positional at the first option after it.)"""
+    parser = sweep_parser()
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     quiet_libraries()
@@ -111,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
-    args = sweep_parser().parse_args(argv)
+    args = parse_args(argv)
     from lab import confirm, fetch, report, server, sweep
 
     commands = {"sweep": sweep.sweep_command, "worker": sweep.worker_command, "best": sweep.best_command,

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On a GPU machine without a package index, from the repository root, with .whl/ from bench/wheels.sh:
+# installs the carried wheels beside the image's torch and Lightning, then runs the benches.
+#   bash bench/gpu.sh                      every part of bench/run.py --gpu, then bench/overhead.py
+#   bash bench/gpu.sh --only cnn --only resnet      bench/run.py's parts only (each part fits in 10 minutes)
+# Results are appended to bench/RESULTS.md and, when $OUT is set, copied there with the full log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH="/tmp/site:$PWD/src" PYTHONUNBUFFERED=1
+log=${OUT:-/tmp}/bench-gpu.log
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, pytorch_lightning, torchmetrics, optuna, mlflow, hydra; print('torch', torch.__version__, \
+'lightning', pytorch_lightning.__version__, 'torchmetrics', torchmetrics.__version__, 'optuna', optuna.__version__, \
+'mlflow', mlflow.__version__)"
+  python3 bench/run.py --gpu "$@"
+  [ $# -gt 0 ] || python3 bench/overhead.py
+} 2>&1 | tee "$log"
+[ -z "${OUT:-}" ] || cp bench/RESULTS.md "$OUT/"
