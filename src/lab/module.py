@@ -40,7 +40,7 @@ class Classifier(pl.LightningModule):
         self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(2))
         # Training: (sum of per-sample losses, correct predictions) added up on the device, sample count on
         # the host. MeanMetric + MulticlassAccuracy updates cost ~240 us of Python per step against ~50 us
-        # for this (bench on 1 CPU thread, batch 512), which is ~10% of a GPU step of the lecture CNN.
+        # for this (bench on 1 CPU thread, batch 512), ~6% of an H100 step of the lecture CNN (~3 ms).
         self.register_buffer("train_sums", torch.zeros(2), persistent=False)
         self.train_n = 0
         self.val_metrics = MetricCollection(

@@ -94,14 +94,12 @@ def tag_run(uri: str, trial: optuna.trial.FrozenTrial | optuna.Trial, state: str
         client.set_tag(run_id, "trial.reason", reason[:5000])
 
 
-def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str, uri: str) -> str:
-    """Runs the trial and tells Optuna how it ended; returns the state name."""
+def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str, uri: str, run_trial) -> str:
+    """Runs the trial with run_trial (objective.run_trial) and tells Optuna how it ended; returns the state name."""
     state, value, reason = TrialState.FAIL, None, None
     try:
         with heartbeat(study, trial):
-            from lab import objective  # not at the top: the sweep parent imports this module only to reap
-
-            value = objective.run_trial(sweep, trial, parent)
+            value = run_trial(sweep, trial, parent)
         state = TrialState.COMPLETE
     except optuna.TrialPruned as pruned:
         state, reason = TrialState.PRUNED, str(pruned)
@@ -142,7 +140,9 @@ def reap(study: optuna.Study, uri: str, storage: str) -> int:
 
 def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: float | None = None) -> int:
     """Returns the number of trials this worker ran."""
-    from lab import objective  # noqa: F401 - Lightning's ~7 s of imports, paid before a trial's clock starts
+    # Not at the top: the sweep parent imports this module only to reap, and Lightning costs ~7 s of imports,
+    # paid here before a trial's clock starts.
+    from lab import objective
 
     signal.signal(signal.SIGTERM, raise_interrupted)
     signal.signal(signal.SIGINT, raise_interrupted)
@@ -174,7 +174,7 @@ def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: fl
         if trial is None:
             time.sleep(IDLE_POLL_S)
             continue
-        state = run_one(sweep, study, trial, parent, uri)
+        state = run_one(sweep, study, trial, parent, uri, objective.run_trial)
         ran += 1
         log.info("trial %d %s", trial.number, state)
         sweep_tracking.update_best(MlflowClient(uri), parent, study)
