@@ -2,7 +2,10 @@
 import argparse
 import hashlib
 import io
+import os
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import zipfile
@@ -124,7 +127,7 @@ def test_flowers_extracts_to_an_image_folder_and_is_idempotent(server, tmp_path,
     assert len(server.requests) == 1 and "already there" in capsys.readouterr().err
 
     (target / "daisy" / "0.jpg").unlink()
-    run_fetch("flowers", "--root", str(root), "--url", server.url + "/flower_photos.tgz", "--force")
+    run_fetch("flowers", "--root", str(root), "--url", server.url + "/flower_photos.tgz", "--force", "--skip-checksum")
     assert (target / "daisy" / "0.jpg").is_file() and len(server.requests) == 2
     assert "SHA-256 check of flower_photos.tgz is skipped" in capsys.readouterr().err
 
@@ -242,7 +245,7 @@ def test_unsafe_zip_is_rejected(server, tmp_path):
     server.files["/pets.zip"] = buf.getvalue()
     root = tmp_path / "data"
     with pytest.raises(LabError, match="unsafe member 'PetImages/../../evil'"):
-        run_fetch("cats_dogs", "--root", str(root), "--url", server.url + "/pets.zip")
+        run_fetch("cats_dogs", "--root", str(root), "--url", server.url + "/pets.zip", "--skip-checksum")
     assert not (tmp_path / "evil").exists() and list(root.iterdir()) == []
 
 
@@ -272,7 +275,7 @@ def test_mnist_files_load_with_the_idx_datamodule(server, tmp_path, capsys, idx_
     for f in mirror.iterdir():
         server.files[f"/mirror/{f.name}"] = f.read_bytes()
     root = tmp_path / "data"
-    run_fetch("mnist", "--root", str(root), "--url", server.url + "/mirror/")
+    run_fetch("mnist", "--root", str(root), "--url", server.url + "/mirror/", "--skip-checksum")
     assert sorted(p.name for p in (root / "mnist").iterdir()) == sorted(fetch.DATASETS["mnist"].md5)
     assert "MD5 check is skipped" in capsys.readouterr().err
     dm = MNIST(root=str(root / "mnist"), download=False, batch_size=8)
@@ -290,7 +293,7 @@ def test_truncated_idx_file_is_rejected_and_removed(server, tmp_path, idx_datase
     server.files["/train-images-idx3-ubyte.gz"] = server.files["/train-images-idx3-ubyte.gz"][:-50]
     root = tmp_path / "data"
     with pytest.raises(LabError, match="train-images-idx3-ubyte.gz is not a complete gzip file"):
-        run_fetch("mnist", "--root", str(root), "--url", server.url)
+        run_fetch("mnist", "--root", str(root), "--url", server.url, "--skip-checksum")
     assert not (root / "mnist" / "train-images-idx3-ubyte.gz").exists()
 
 
@@ -305,3 +308,122 @@ def test_fashion_mnist_in_a_system_folder_needs_no_download(tmp_path, monkeypatc
 def test_sha256_is_refused_for_idx_datasets(tmp_path):
     with pytest.raises(LabError, match="--sha256 applies to one archive"):
         run_fetch("mnist", "--root", str(tmp_path), "--sha256", "00" * 32)
+
+
+# -- a mirror is checked like the canonical URL; what is extracted must look like the dataset -------------
+
+def lab_fetch(*argv: str) -> subprocess.CompletedProcess:
+    """The real `lab data fetch` command, in a child process."""
+    return subprocess.run([sys.executable, "-m", "lab.cli", "data", "fetch", *argv], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.mark.parametrize("body", ["random", "other_archive"])
+def test_mirror_is_checked_against_the_pinned_sha256(server, tmp_path, body):
+    # Random bytes, or a well-formed archive that is not the pinned file: refused either way by default.
+    data = np.random.default_rng(1).bytes(5000) if body == "random" else flowers_tgz()
+    server.files["/flower_photos.tgz"] = data
+    root = tmp_path / "data"
+    proc = lab_fetch("flowers", "--root", str(root), "--url", server.url + "/flower_photos.tgz")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "ready" not in proc.stdout
+    assert "lab: error:" in proc.stderr
+    assert f"expected {fetch.DATASETS['flowers'].sha256}, got {sha256(data)}" in proc.stderr
+    assert "--skip-checksum" in proc.stderr and "deleted" in proc.stderr
+    assert list(root.iterdir()) == []  # no archive, .partial or half-extracted folder
+
+
+def test_skip_checksum_is_explicit_and_still_fetches_a_mirror(server, tmp_path, capsys):
+    data = flowers_tgz()
+    server.files["/flower_photos.tgz"] = data
+    root = tmp_path / "data"
+    run_fetch("flowers", "--root", str(root), "--url", server.url + "/flower_photos.tgz", "--skip-checksum")
+    out, err = capsys.readouterr()
+    assert "SHA-256 check of flower_photos.tgz is skipped" in err and "ready in" in out
+    assert sorted(p.name for p in (root / "flower_photos").iterdir()) == ["LICENSE.txt", *FLOWERS]
+    assert leftovers(root) == []
+
+
+def test_sha256_and_skip_checksum_contradict(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_fetch("flowers", "--root", str(tmp_path), "--sha256", "00" * 32, "--skip-checksum")
+    assert exit_.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def one_class_of_random_bytes() -> bytes:
+    rng = np.random.default_rng(2)
+    return tgz({f"flower_photos/daisy/{i}.jpg": rng.bytes(3000) for i in range(3)})
+
+
+def test_wrong_layout_is_refused_and_nothing_is_left(server, tmp_path):
+    data = one_class_of_random_bytes()
+    server.files["/flower_photos.tgz"] = data
+    root = tmp_path / "data"
+    # The checksum override matches: only the layout check stands between this and "ready".
+    proc = lab_fetch("flowers", "--root", str(root), "--url", server.url + "/flower_photos.tgz",
+                     "--sha256", sha256(data))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "ready" not in proc.stdout
+    assert "does not hold the flower_photos dataset" in proc.stderr
+    assert "dandelion, roses, sunflowers, tulips are missing" in proc.stderr
+    assert "no readable image in daisy/" in proc.stderr
+    assert list(root.iterdir()) == []  # archive deleted, temporary folder removed, no flower_photos/
+
+
+def test_a_class_without_a_decodable_image_is_refused(server, tmp_path):
+    members = {f"flower_photos/{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate(FLOWERS) for i in range(2)}
+    members.update({"flower_photos/tulips/0.jpg": b"\xff\xd8\xff not a jpeg", "flower_photos/tulips/1.jpg": b""})
+    data = tgz(members)
+    server.files["/flower_photos.tgz"] = data
+    root = tmp_path / "data"
+    with pytest.raises(LabError, match=r"no readable image in tulips/ \(2 image file\(s\), none decodable\)"):
+        run_fetch("flowers", "--root", str(root), "--url", server.url + "/flower_photos.tgz", "--skip-checksum")
+    assert list(root.iterdir()) == []
+
+
+def test_wrong_layout_keeps_the_dataset_already_there(server, tmp_path):
+    good, bad = flowers_tgz(), one_class_of_random_bytes()
+    server.files["/good.tgz"], server.files["/bad.tgz"] = good, bad
+    root = tmp_path / "data"
+    run_fetch("flowers", "--root", str(root), "--url", server.url + "/good.tgz", "--sha256", sha256(good))
+    with pytest.raises(LabError, match="does not hold the flower_photos dataset"):
+        run_fetch("flowers", "--root", str(root), "--url", server.url + "/bad.tgz", "--skip-checksum", "--force")
+    assert sorted(p.name for p in root.iterdir()) == ["flower_photos"]
+    assert all(len(list((root / "flower_photos" / c).glob("*.jpg"))) == 4 for c in FLOWERS)
+
+
+def test_cats_dogs_without_dogs_is_refused_and_leaves_no_rejected_folder(server, tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("PetImages/Cat/0.jpg", jpeg(0))
+        z.writestr("PetImages/Cat/1.jpg", b"broken")  # would be moved to cats_dogs_rejected/
+    server.files["/pets.zip"] = buf.getvalue()
+    root = tmp_path / "data"
+    with pytest.raises(LabError, match=r"class folder\(s\) Dog are missing \(it has \['Cat'\]\)"):
+        run_fetch("cats_dogs", "--root", str(root), "--url", server.url + "/pets.zip", "--skip-checksum")
+    assert list(root.iterdir()) == []
+
+
+def test_archive_put_in_root_by_hand_with_wrong_layout_is_kept(tmp_path):
+    data = one_class_of_random_bytes()
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "flower_photos.tgz").write_bytes(data)
+    with pytest.raises(LabError, match="does not hold the flower_photos dataset"):
+        run_fetch("flowers", "--root", str(root), "--sha256", sha256(data))
+    assert sorted(p.name for p in root.iterdir()) == ["flower_photos.tgz"]  # the user's file, nothing else
+
+
+def test_mnist_mirror_is_checked_against_the_pinned_md5(server, tmp_path, idx_dataset):
+    mirror = idx_dataset(tmp_path / "mirror")  # well-formed idx files, but not the pinned ones
+    for f in mirror.iterdir():
+        server.files[f"/mirror/{f.name}"] = f.read_bytes()
+    root = tmp_path / "data"
+    proc = lab_fetch("mnist", "--root", str(root), "--url", server.url + "/mirror/")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "ready" not in proc.stdout
+    name = "train-images-idx3-ubyte.gz"
+    got = hashlib.md5((mirror / name).read_bytes()).hexdigest()
+    assert f"MD5 expected {fetch.DATASETS['mnist'].md5[name]} (pinned), got {got}" in proc.stderr
+    assert "--skip-checksum" in proc.stderr
+    assert list(root.iterdir()) == []  # no .partial, no empty mnist/ folder

@@ -1,7 +1,9 @@
 """`lab data fetch NAME`: download a dataset into the layout lab's datamodules read (LAYOUTS).
 
 Downloads go to ROOT/FILE.partial and resume with an HTTP Range request; archives are checked (SHA-256)
-before extraction and extracted into a temporary folder that is renamed into place.
+before extraction and extracted into a temporary folder that is renamed into place once it holds the
+dataset's class folders, each with at least one image that decodes. A mirror (--url) is checked against
+the same pinned checksums unless --skip-checksum says otherwise; whatever fails a check is deleted.
 Only the standard library is imported at module level: `lab --help` must not pay for torch.
 """
 import argparse
@@ -31,6 +33,7 @@ datasets, where they land, and the overrides that train on them:
   fashion_mnist  ROOT/fashion_mnist/*-ubyte.gz       data=fashion_mnist data.root=ROOT/fashion_mnist
                  (nothing to download when /usr/share/datasets/fashion-mnist has the files)
 """
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 CHUNK = 1 << 16
 TIMEOUT_S = 30
 ATTEMPTS = 5  # per file; a new attempt is made only when the previous one received bytes
@@ -43,6 +46,7 @@ class Archive:
     sha256: str
     top: str  # the archive's folder that becomes ROOT/<target>
     target: str
+    classes: tuple[str, ...]  # class folders under `top`, each must hold at least one decodable image
     reject_unreadable: bool = False
 
     @property
@@ -62,12 +66,13 @@ DATASETS = {
     "flowers": Archive(
         url="http://download.tensorflow.org/example_images/flower_photos.tgz", size=228_813_984,
         sha256="4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c",
-        top="flower_photos", target="flower_photos"),
+        top="flower_photos", target="flower_photos",
+        classes=("daisy", "dandelion", "roses", "sunflowers", "tulips")),
     "cats_dogs": Archive(
         url="https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/"
             "kagglecatsanddogs_3367a.zip", size=824_894_548,
         sha256="f9553e426bd725354ed3a27e3c6920caadb55c835d1ebd880d2e56d3f1fbb22b",
-        top="PetImages", target="cats_dogs", reject_unreadable=True),
+        top="PetImages", target="cats_dogs", classes=("Cat", "Dog"), reject_unreadable=True),
     # MD5s of the original .gz files, as torchvision's MNIST/FashionMNIST classes pin them. Debian's
     # dataset-fashion-mnist package re-gzips the files, so its copies have other MD5s (same content).
     "mnist": IdxFiles(
@@ -96,20 +101,26 @@ def add_parser(subparsers) -> None:
     fetch.add_argument("--url", default=None,
                        help="download from here instead: a mirror, file:///path or http://127.0.0.1:PORT/...; "
                             "for mnist/fashion_mnist the folder holding the four .gz files")
-    fetch.add_argument("--sha256", default=None,
-                       help="expected SHA-256 of the archive; with --url the pinned one cannot apply")
+    check = fetch.add_mutually_exclusive_group()
+    check.add_argument("--sha256", default=None, metavar="HEX",
+                       help="expected SHA-256 of the archive, instead of the pinned one (flowers, cats_dogs)")
+    check.add_argument("--skip-checksum", action="store_true",
+                       help="do not check the pinned checksum (SHA-256 of the archive, MD5 of idx files), "
+                            "e.g. for a mirror that serves a re-packed copy; the extracted files are still "
+                            "checked (class folders with decodable images, complete idx files)")
     fetch.add_argument("--force", action="store_true", help="fetch again even when the dataset is already there")
 
 
 def data_command(args) -> None:
     spec, root = DATASETS[args.name], Path(args.root).expanduser()
+    skip = getattr(args, "skip_checksum", False)
     if isinstance(spec, Archive):
-        where = fetch_archive(spec, root, args.url, args.sha256, args.force)
+        where = fetch_archive(spec, root, args.url, args.sha256, args.force, skip)
     else:
         if args.sha256:
-            raise LabError(f"--sha256 applies to one archive; {args.name} is four files, checked by MD5 "
-                           "(canonical URL) or by their idx format (--url).")
-        where = fetch_idx(spec, root, args.url, args.force)
+            raise LabError(f"--sha256 applies to one archive; {args.name} is four files, checked by their "
+                           "pinned MD5s (--skip-checksum skips that) and by their idx format.")
+        where = fetch_idx(spec, root, args.url, args.force, skip)
     print(f"{args.name}: ready in {where}")
 
 
@@ -215,7 +226,8 @@ def file_hash(path: Path, algorithm: str) -> str:
 
 # -- archives -------------------------------------------------------------------------------------
 
-def fetch_archive(spec: Archive, root: Path, url: str | None, sha256: str | None, force: bool) -> Path:
+def fetch_archive(spec: Archive, root: Path, url: str | None, sha256: str | None, force: bool,
+                  skip_checksum: bool = False) -> Path:
     target = root / spec.target
     if target.is_dir() and not force:
         note(f"{target} is already there: nothing to do (--force fetches it again).")
@@ -223,10 +235,13 @@ def fetch_archive(spec: Archive, root: Path, url: str | None, sha256: str | None
     root.mkdir(parents=True, exist_ok=True)
     filename = url.rstrip("/").rsplit("/", 1)[-1] if url else spec.filename
     archive, partial = root / filename, root / f"{filename}.partial"
-    expected = (sha256 or "").lower() or (None if url else spec.sha256)
-    if expected is None:
-        note(f"warning: --url without --sha256: the SHA-256 check of {filename} is skipped "
-             f"(the pinned checksum is for {spec.url}).")
+    # A mirror serves the same file, so the pinned checksum applies to it too; only an explicit
+    # --skip-checksum turns the check off, and --sha256 replaces the pinned value.
+    pinned = not (sha256 or skip_checksum)
+    expected = None if skip_checksum else (sha256 or spec.sha256).lower()
+    if skip_checksum:
+        note(f"warning: --skip-checksum: the SHA-256 check of {filename} is skipped; "
+             "the extracted folder is still checked.")
     downloaded = url is not None or not archive.is_file()  # without --url, an archive already in ROOT is used
     if downloaded:
         fetch_file(url or spec.url, partial,
@@ -237,17 +252,23 @@ def fetch_archive(spec: Archive, root: Path, url: str | None, sha256: str | None
             got = file_hash(source, "sha256")
             if got != expected:
                 size = source.stat().st_size
-                sizes = f" ({size} bytes, the canonical file has {spec.size})" if size != spec.size and not url else ""
+                sizes = f" ({size} bytes, the canonical file has {spec.size})" if pinned and size != spec.size else ""
+                why = (f" The expected value is the SHA-256 pinned for {spec.url}; a mirror should serve the "
+                       "same file. If you trust this one anyway, rerun with --skip-checksum to skip the check "
+                       "explicitly (or give its digest with --sha256 HEX)." if pinned else "")
                 raise LabError(f"{url or spec.url if downloaded else source} is not the expected file: SHA-256 "
                                f"expected {expected}, got {got}{sizes}"
-                               + ("; it was deleted." if downloaded else ": replace or delete it."))
+                               + ("; it was deleted." if downloaded else ": replace or delete it.") + why)
         if downloaded:
             source = partial.replace(archive)  # verified: a rerun after a failed extraction reuses it
         extract(source, spec, root)
-    except LabError:
-        if downloaded:
-            source.unlink(missing_ok=True)
-        raise
+    except LabError as err:
+        if not downloaded:  # a file put in ROOT by hand is the user's
+            raise
+        source.unlink(missing_ok=True)  # a download that failed a check is junk
+        if "was deleted" in str(err):
+            raise
+        raise LabError(f"{err} The download was deleted.") from err
     if downloaded:
         source.unlink()  # the extracted folder is what lab reads; an archive put there by hand is kept
     return target
@@ -286,11 +307,49 @@ def extract(archive: Path, spec: Archive, root: Path) -> None:
         for extra in tmp.iterdir():  # licence and readme files beside the image folder go along with it
             if extra.is_file() and not (top / extra.name).exists():
                 extra.rename(top / extra.name)
+        rejected = root / f"{spec.target}_rejected"
+        staged = tmp / f".{rejected.name}"  # moved into place only once the dataset is accepted
         if spec.reject_unreadable:
-            reject_unreadable(top, root / f"{spec.target}_rejected")
+            reject_unreadable(top, staged)
+        check_layout(top, spec, archive)
         replace(top, root / spec.target)
+        if spec.reject_unreadable:
+            shutil.rmtree(rejected, ignore_errors=True)
+            if staged.is_dir():
+                staged.rename(rejected)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def decodable(path: Path) -> bool:
+    from PIL import Image  # lazily: `lab --help` imports this module
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+        return True
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+def check_layout(top: Path, spec: Archive, archive: Path) -> None:
+    """Refuse a folder that is not the dataset: each expected class folder, with a decodable image."""
+    missing, empty = [], []
+    for name in spec.classes:
+        folder = top / name
+        if not folder.is_dir():
+            missing.append(name)
+            continue
+        images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not any(decodable(p) for p in images):
+            empty.append(f"{name}/ ({len(images)} image file(s), none decodable)")
+    if missing or empty:
+        found = sorted(p.name for p in top.iterdir() if p.is_dir())
+        problems = ([f"the class folder(s) {', '.join(missing)} are missing (it has {found or 'none'})"]
+                    if missing else []) + ([f"no readable image in {', '.join(empty)}"] if empty else [])
+        raise LabError(f"{archive.name} does not hold the {spec.target} dataset: {'; '.join(problems)}. "
+                       f"Expected {spec.top}/{{{','.join(spec.classes)}}}/ with images in each. Nothing was "
+                       "extracted.")
 
 
 def replace(new: Path, target: Path) -> None:
@@ -329,7 +388,7 @@ def reject_unreadable(folder: Path, rejected: Path) -> None:
 
 # -- MNIST-format files -----------------------------------------------------------------------------
 
-def fetch_idx(spec: IdxFiles, root: Path, url: str | None, force: bool) -> Path:
+def fetch_idx(spec: IdxFiles, root: Path, url: str | None, force: bool, skip_checksum: bool = False) -> Path:
     from lab.data import idx
 
     target = root / spec.target
@@ -344,26 +403,35 @@ def fetch_idx(spec: IdxFiles, root: Path, url: str | None, force: bool) -> Path:
     if not missing:
         note(f"{target} already holds the four files: nothing to do (--force fetches them again).")
         return target
-    if url:
-        # A mirror's files need not be byte-identical to the originals (re-gzipped copies differ): check
-        # that each is a complete idx file instead of its MD5.
-        note("warning: --url given: the MD5 check is skipped; the files are checked as idx files only.")
+    if skip_checksum:
+        # A mirror's files need not be byte-identical to the originals (re-gzipped copies differ): the
+        # user said so explicitly; each is still checked to be a complete idx file.
+        note("warning: --skip-checksum: the MD5 check is skipped; the files are checked as idx files only.")
+    created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
     base = (url or spec.url).rstrip("/") + "/"
-    for name in missing:
-        dest, partial = target / name, target / f"{name}.partial"
-        fetch_file(base + name, partial, f"put the files {list(spec.md5)} in {target}/ and rerun, or pass "
-                                         "--url with a folder that holds them (file:///path/ or http://...).")
-        if not url:
-            got = file_hash(partial, "md5")
-            if got != spec.md5[name]:
-                partial.unlink()
-                raise LabError(f"{base + name} is not the expected file: MD5 expected {spec.md5[name]}, "
-                               f"got {got} (deleted; rerun to download it again).")
-        partial.replace(dest)
-        try:
-            idx.read_idx(dest)  # the format check; it names the file and what is wrong
-        except LabError:
-            dest.unlink()
-            raise
+    try:
+        for name in missing:
+            dest, partial = target / name, target / f"{name}.partial"
+            fetch_file(base + name, partial, f"put the files {list(spec.md5)} in {target}/ and rerun, or pass "
+                                             "--url with a folder that holds them (file:///path/ or http://...).")
+            if not skip_checksum:
+                got = file_hash(partial, "md5")
+                if got != spec.md5[name]:
+                    partial.unlink()
+                    raise LabError(
+                        f"{base + name} is not the expected file: MD5 expected {spec.md5[name]} (pinned), got "
+                        f"{got}; it was deleted. "
+                        + ("If this mirror serves re-packed copies you trust, rerun with --skip-checksum to skip "
+                           "the check explicitly (the files are still checked as idx files)." if url
+                           else "Rerun to download it again."))
+            partial.replace(dest)
+            try:
+                idx.read_idx(dest)  # the format check; it names the file and what is wrong
+            except LabError:
+                dest.unlink()
+                raise
+    finally:
+        if created and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # nothing came of it: leave no empty folder behind
     return target
