@@ -1,16 +1,23 @@
 """Shared fixtures: a throwaway MLflow DB, generated idx files and image folders, small-data overrides."""
+import glob
 import gzip
 import importlib
 import os
 import shutil
 import signal
+import socket
 import struct
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+LAB = [sys.executable, "-m", "lab.cli"]
+PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
 
 def _write_idx(path: Path, array: np.ndarray) -> Path:
     """An uint8 idx file as MNIST ships it (gzipped when the name ends in .gz)."""
@@ -131,3 +138,89 @@ def cli_env(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "MLFLOW_"))}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return env
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A working directory with its own MLflow DB and its own copy of conf/ (exports land there)."""
+    from lab.config import conf_dir
+
+    shutil.copytree(conf_dir(), tmp_path / "conf")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "MLFLOW_", "LAB_"))}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", LAB_CONF_DIR=str(tmp_path / "conf"))
+    return tmp_path, env
+
+
+@pytest.fixture
+def lab(workdir):
+    """lab(*args): runs the real `lab` command in the working directory; returns the CompletedProcess."""
+    tmp, env = workdir
+
+    def run(*args, timeout=600, cwd=None, env_extra=None):
+        return subprocess.run([*LAB, *map(str, args)], cwd=cwd or tmp, env={**env, **(env_extra or {})},
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
+def start_lab(workdir):
+    """start_lab(*args): the real `lab` command in the background, stdout and stderr merged."""
+    tmp, base = workdir
+    procs = []
+
+    def start(*args, cwd=None, env=None):
+        proc = subprocess.Popen([*LAB, *map(str, args)], cwd=cwd or tmp, env={**base, **(env or {})},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def journal_study(workdir):
+    """journal_study(tmp, name): the study a `lab sweep` wrote to runs/<name>/study.journal, read by Optuna."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    def load(tmp, name):
+        return optuna.load_study(study_name=name, storage=JournalStorage(
+            JournalFileBackend(str(Path(tmp) / "runs" / name / "study.journal"))))
+
+    return load
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's postgresql package; .ci/run installs it)."""
+    if not PG_BIN:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    bin_dir = os.path.dirname(PG_BIN[-1])
+    data = tempfile.mkdtemp(prefix="lab-pg-", dir="/tmp")
+    as_user = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(data, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
+    run(f"{bin_dir}/initdb", "-D", f"{data}/db", "-A", "trust", "-U", "postgres")
+    run(f"{bin_dir}/pg_ctl", "-D", f"{data}/db", "-w", "-l", f"{data}/log",
+        "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start")
+    try:
+        run(f"{bin_dir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "lab")
+        yield f"postgresql://postgres@127.0.0.1:{port}/lab"
+    finally:
+        run(f"{bin_dir}/pg_ctl", "-D", f"{data}/db", "-m", "immediate", "stop")
+        shutil.rmtree(data, ignore_errors=True)

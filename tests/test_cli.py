@@ -1,7 +1,13 @@
-"""`lab`'s argument parsing: where Hydra overrides may stand, and what is refused."""
+"""`lab`'s argument parsing: where Hydra overrides may stand, and what is refused; `lab`, --help, --version."""
+import argparse
+import os
+import subprocess
+import sys
+from importlib.metadata import version
+
 import pytest
 
-from lab.cli import parse_args
+from lab.cli import COMMANDS, expand_home, parse_args, sweep_parser
 
 
 @pytest.mark.parametrize("argv", [
@@ -28,3 +34,52 @@ def test_unknown_arguments_are_named(argv, bad, capsys):
         parse_args(argv)
     assert stop.value.code == 2
     assert f"unrecognized arguments: {bad}" in capsys.readouterr().err
+
+
+# `lab` itself, run as a user runs it: no command, --help, --version, a misspelt command (issue #10).
+def lab(*args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "MLFLOW_"))}
+    return subprocess.run([sys.executable, "-m", "lab.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_version_prints_the_installed_version():
+    proc = lab("--version")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"lab {version('lab')}\n", "")
+
+
+@pytest.mark.parametrize("argv, rc", [(["--help"], 0), (["-h"], 0), ([], 2)])
+def test_help_says_what_each_command_does(argv, rc):
+    proc = lab(*argv)
+    text = proc.stdout if rc == 0 else proc.stderr
+    assert proc.returncode == rc, proc.stderr
+    assert text.startswith("usage: lab COMMAND") and "Traceback" not in proc.stderr
+    for name, _, what in COMMANDS:
+        assert any(line.lstrip().startswith(name) and line.rstrip().endswith(what) for line in text.splitlines())
+
+
+def test_help_lists_exactly_the_commands_there_are():
+    subcommands = next(a for a in sweep_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {name for name, _, _ in COMMANDS} == {"train", *subcommands}
+
+
+def test_misspelt_command_gets_a_suggestion():
+    proc = lab("trian")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("lab: error: unknown command 'trian'; did you mean train?")
+    assert "train, sweep, worker" in line
+
+
+@pytest.mark.parametrize("arg, expanded", [
+    ("data.root=~/flower_photos", "data.root={home}/flower_photos"),
+    ("+data.root=~", "+data.root={home}"),
+    ("data.root=~/my photos", "data.root='{home}/my photos'"),  # quoted for Hydra's grammar
+    ("data.root='~/x'", "data.root='~/x'"),  # quoted for Hydra already: the dataset expands it
+    ("data.root=a~b", "data.root=a~b"),
+    ("~data.root", "~data.root"),  # Hydra's delete syntax
+    ("--config-dir=~/conf", "--config-dir=~/conf"),  # an option of Hydra, not an override
+])
+def test_leading_tilde_in_an_override_value_is_the_home_folder(arg, expanded, monkeypatch):
+    monkeypatch.setenv("HOME", "/home/me")
+    assert expand_home([arg]) == [expanded.format(home="/home/me")]

@@ -1,12 +1,9 @@
 """Across hosts: one study on a real PostgreSQL server shared by separate `lab worker` processes, and
 sweeps logging to a real `mlflow server` over HTTP under load. Marked slow."""
-import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import tempfile
 import time
 
 import optuna
@@ -14,44 +11,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from conftest import free_port
 from lab import server
 from test_faults import SLOW, BODY
 from test_sweep_e2e import LAB, children, journal, sweep_file, workdir  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
-PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def postgres():
-    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's postgresql package; .ci/run installs it)."""
-    if not PG_BIN:
-        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
-    bin_dir = os.path.dirname(PG_BIN[-1])
-    data = tempfile.mkdtemp(prefix="lab-pg-", dir="/tmp")
-    as_user = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        shutil.chown(data, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
-    run(f"{bin_dir}/initdb", "-D", f"{data}/db", "-A", "trust", "-U", "postgres")
-    run(f"{bin_dir}/pg_ctl", "-D", f"{data}/db", "-w", "-l", f"{data}/log",
-        "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start")
-    try:
-        run(f"{bin_dir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "lab")
-        yield f"postgresql://postgres@127.0.0.1:{port}/lab"
-    finally:
-        run(f"{bin_dir}/pg_ctl", "-D", f"{data}/db", "-m", "immediate", "stop")
-        shutil.rmtree(data, ignore_errors=True)
-
-
 def test_workers_on_separate_hosts_share_one_postgres_study(workdir, postgres):
     tmp, env = workdir
     env = {**env, "LAB_HEARTBEAT_S": "1", "LAB_GRACE_S": "6"}

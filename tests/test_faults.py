@@ -60,7 +60,7 @@ def test_sigkilled_worker_trial_is_failed_and_retried_from_its_checkpoint(workdi
     trials = journal(tmp, "killed").get_trials()
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 3  # the budget is still reached
     dead = trials[victim.number]
-    assert dead.state == TrialState.FAIL and dead.user_attrs["fail_reason"] == "worker process died"
+    assert dead.state == TrialState.FAIL and "died" in dead.user_attrs["fail_reason"]
     (retry,) = [t for t in trials if t.user_attrs.get("lab.retry_of") == victim.number]
     assert retry.state == TrialState.COMPLETE and retry.params == victim.params
     assert retry.user_attrs["lab.resume_from"].endswith("last.ckpt")

@@ -150,8 +150,8 @@ params:
     done = lab("sweep", path, "--workers", "1", "--no-live", cwd=tmp, env=env)
     study = journal(tmp, "diverge")
     trials = study.get_trials()
-    # A diverged trial is final: it uses up budget (it is not retried) but never counts as complete.
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE], done.stdout
+    # A diverged trial is final (not retried) and uses none of the budget: two more trials finish.
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE], done.stdout
     assert trials[0].user_attrs["fail_reason"].startswith("Diverged")
     assert done.returncode == 0
     run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(trials[0].user_attrs["mlflow_run_id"])

@@ -131,3 +131,25 @@ def test_auto_packing_rule():
     assert pool.auto_per_gpu(11_000_000, 80 * gib) == 8  # ResNet-18: 704 MB estimate, still 1 GiB floor
     assert pool.auto_per_gpu(200_000_000, 80 * gib) == 3
     assert pool.auto_per_gpu(2_000_000_000, 80 * gib) == 1
+
+
+def test_grid_workers_agree_on_what_each_grid_id_is(tmp_path):
+    """Two workers with their own samplers on one journal: every combination once, params = grid id's cell."""
+    from lab import study as studies
+
+    path = write(tmp_path, """
+        data.batch_size: {type: categorical, choices: [4, 8]}
+        model.optimizer.lr: {type: categorical, choices: [0.001, 0.01]}
+    """, BASE.replace("{name: tpe, seed: 0}", "{name: grid, seed: 3}"))
+    sweep = spec.load(path, check=False)
+    storage = str(tmp_path / "study.journal")
+    a = studies.create_or_resume(sweep, storage, "cpu0")
+    b = studies.create_or_resume(sweep, storage, "cpu1")
+    for study in (a, b, a, b):
+        assert not studies.done(sweep, study, study.sampler)
+        study.ask(sweep.space)
+    assert studies.done(sweep, a, a.sampler) and studies.done(sweep, b, b.sampler)
+    trials = a.get_trials()
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
+    for t in trials:
+        assert a.sampler._all_grids[t.system_attrs["grid_id"]] == tuple(t.params[n] for n in a.sampler._param_names)

@@ -1,6 +1,7 @@
 """The real `lab train` console script in a scratch directory: a run, bad inputs, --cfg job."""
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -88,6 +89,77 @@ def test_cfg_job_prints_config(cli):
     assert cfg["data"]["_target_"] == "lab.data.digits.Digits"
     assert cfg["model"]["net"]["_target_"] == "lab.nets.CNN"
     assert not (cwd / "mlflow.db").exists()
+
+
+# Issue #10, "first contact": name -> (arguments, texts the one-line message must hold). Each is `python -m
+# lab.cli train ...` in its own scratch dir and $HOME. SMALL makes the code before the fix reach the
+# optimizer (and fail mid-fit, or train) quickly, without a download.
+SMALL = ["data=synthetic", "data.n_train=64", "data.n_test=16", "trainer.max_epochs=1", *QUIET]
+FIRST_CONTACT = {
+    "lr_negative": ([*SMALL, "model.optimizer.lr=-0.01"], ["model.optimizer.lr=-0.01", "a number > 0"]),
+    "lr_not_a_number": ([*SMALL, "model.optimizer.lr=abc"], ["model.optimizer.lr='abc'", "a number > 0"]),
+    "weight_decay_negative": ([*SMALL, "model.optimizer.weight_decay=-1"],
+                              ["model.optimizer.weight_decay=-1", ">= 0"]),
+    "momentum_too_large": ([*SMALL, "optimizer=sgd", "model.optimizer.momentum=1.5"],
+                           ["model.optimizer.momentum=1.5", "[0, 1)"]),
+    "batch_size_not_a_number": ([*SMALL, "data.batch_size=abc"], ["data.batch_size='abc'", "whole number >= 1"]),
+    "max_epochs_not_a_number": ([*SMALL, "trainer.max_epochs=abc"], ["trainer.max_epochs='abc'", "whole number"]),
+    "typo": ([*SMALL, "trainer.max_epoch=2"], ["trainer.max_epoch ", "did you mean trainer.max_epochs?"]),
+    "typo_added_with_plus": ([*SMALL, "+trainer.max_epoch=2"],
+                             ["trainer.max_epoch ", "did you mean trainer.max_epochs?"]),
+    "unknown_group_option": (["optimizer=sgdd"], ["optimizer=sgdd", "did you mean optimizer=sgd?",
+                                                  "adam, adamw, rmsprop, sgd"]),
+    "unreadable_override": (["data.root=a&b"], ["'data.root=a&b'", "'&'", "quotes", "\"data.root='"]),
+}
+README_FOLDER = ["data=image_folder", "data.root=~/flower_photos", "data.image_size=64", "model=cnn"]
+
+
+def mlflow_runs(cwd):
+    """Every run in the scratch dir's tracking DB; none when the DB was never created."""
+    if not (cwd / "mlflow.db").exists():
+        return []
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.fixture(scope="module")
+def first_contact(tmp_path_factory):
+    """Runs FIRST_CONTACT and the README's image-folder command (--cfg job) at once; name -> (rc, out, err, cwd)."""
+    commands = {name: ["train", *args] for name, (args, _) in FIRST_CONTACT.items()}
+    commands["readme_tilde"] = ["train", "--cfg", "job", *README_FOLDER]
+    procs, start = {}, time.monotonic()
+    for name, args in commands.items():
+        cwd = tmp_path_factory.mktemp(name)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "MLFLOW_"))}
+        env.update(MLFLOW_TRACKING_URI=f"sqlite:///{cwd / 'mlflow.db'}", HOME=str(cwd))
+        procs[name] = (subprocess.Popen([sys.executable, "-m", "lab.cli", *args], cwd=cwd, env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE), cwd)
+    results = {}
+    for name, (proc, cwd) in procs.items():
+        try:
+            out, err = proc.communicate(timeout=max(1, 600 - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        results[name] = (proc.returncode, out, err, cwd)
+    return results
+
+
+@pytest.mark.parametrize("name", FIRST_CONTACT)
+def test_first_contact_mistake_is_one_line_exit_2_and_no_run(first_contact, name):
+    rc, out, err, cwd = first_contact[name]
+    assert "Traceback" not in err, err[-3000:]
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("lab: error: "), err[-3000:]
+    for text in FIRST_CONTACT[name][1]:
+        assert text in lines[0]
+    assert mlflow_runs(cwd) == []  # checked before the MLflow run is created, not logged as FAILED
+
+
+def test_readme_image_folder_command_expands_tilde(first_contact):
+    rc, out, err, cwd = first_contact["readme_tilde"]
+    assert rc == 0, err[-3000:]
+    assert yaml.safe_load(out)["data"]["root"] == str(cwd / "flower_photos")  # $HOME is cwd here
 
 
 FASHION = "/usr/share/datasets/fashion-mnist"

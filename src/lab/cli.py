@@ -1,22 +1,18 @@
 """The `lab` command. Argument parsing only; each subcommand hands over to the module that does the work.
 
-    lab train [hydra overrides...]          one run (Hydra's own flags work: --cfg job, --help, -m)
-    lab sweep SWEEP.yaml [options] [overrides...]
-    lab worker SWEEP.yaml --storage URL     join a running study from another shell or host
-    lab best SWEEP.yaml [--export PATH]
-    lab confirm SWEEP.yaml [--top K] [--seeds S] [--storage URL] [--out DIR]
-    lab report SWEEP.yaml [--storage URL] [--out DIR]
-    lab data fetch NAME [--root data] [--url URL] [--sha256 HEX] [--force]
-    lab server [--backend-store-uri URI] [--artifacts DIR] [--host 127.0.0.1] [--port 5000]
+`lab train` is Hydra's own command line (overrides, --cfg job, --help, -m); its config errors are turned
+into one-paragraph `lab: error:` messages and exit status 2 here. The other commands are argparse
+(sweep_parser). usage() is what `lab`, `lab -h` and `lab --help` print.
 """
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import warnings
 
-from lab.errors import Interrupted, raise_interrupted, user_error
+from lab.errors import Interrupted, LabError, close_matches, raise_interrupted, unknown_key, user_error
 
 EXIT_USER_ERROR = 2
 
@@ -34,9 +30,126 @@ def quiet_libraries() -> None:
 
 
 def fail(err: BaseException) -> None:
+    """`lab: error: MESSAGE` on stderr, exit status 2: what every wrong input ends in, with no traceback."""
     message = str(err).strip() or type(err).__name__
     print(f"lab: error: {message}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
+
+
+# name, arguments, what it does: `lab --help`, and the names `lab trian` is matched against.
+COMMANDS = (
+    ("train", "[OVERRIDES...]", "train one model: lab train data=digits model=mlp model.optimizer.lr=0.05"),
+    ("sweep", "SWEEP.yaml", "run a hyperparameter sweep on worker processes; the same command resumes it"),
+    ("worker", "SWEEP.yaml", "add a worker to a running sweep, from another shell or host"),
+    ("best", "SWEEP.yaml", "print a sweep's best trial and save it as an experiment config"),
+    ("confirm", "SWEEP.yaml", "rerun a sweep's best trials with several seeds: mean +- std"),
+    ("report", "SWEEP.yaml", "write a sweep's results as one HTML page"),
+    ("data", "fetch NAME", "download a dataset: flowers, cats_dogs, mnist, fashion_mnist"),
+    ("server", "", "run an MLflow tracking server to browse the results"),
+)
+
+
+def usage() -> str:
+    rows = "\n".join(f"  {f'{name} {args}'.strip():<24}{what}" for name, args, what in COMMANDS)
+    return f"""usage: lab COMMAND [ARGUMENTS...]
+
+Train image classifiers and search their hyperparameters with Optuna; every run is logged to MLflow
+($MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory).
+
+commands:
+{rows}
+
+options:
+  -h, --help              show this message; `lab COMMAND --help` shows a command's own options
+  --version               print lab's version
+
+First run: lab train data=digits model=mlp trainer.max_epochs=3"""
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lab")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
+HYDRA_PLAIN = re.compile(r"[\w/.+%@-]+")  # characters a Hydra override value may hold without quotes
+
+
+def expand_home(overrides: list[str]) -> list[str]:
+    """key=~/path -> key=/home/me/path. A shell leaves ~ alone after `data.root=`, and Hydra's override
+    grammar has no ~: the README's `data.root=~/flower_photos` failed with a lexer error."""
+    out = []
+    for arg in overrides:
+        key, eq, value = arg.partition("=")
+        if eq and re.fullmatch(r"[+~]{0,2}\w[\w.@/-]*", key) and re.fullmatch(r"~[\w.-]*(/.*)?", value):
+            path = os.path.expanduser(value)
+            if path != value:  # ~unknown_user stays as it is, and Hydra's message says how to quote it
+                if not HYDRA_PLAIN.fullmatch(path):
+                    path = f"'{path}'" if "'" not in path else f'"{path}"'
+                arg = f"{key}={path}"
+        out.append(arg)
+    return out
+
+
+QUOTE_ADVICE = ("a value with spaces or special characters must reach lab in quotes, e.g. "
+                "\"data.root='my photos/*'\" (the double quotes are for the shell, the single ones for Hydra)")
+
+
+def hydra_error_message(err: BaseException) -> str | None:
+    """One paragraph for a config error Hydra raised while composing (bad override syntax, unknown key,
+    unknown group option); None for anything else, which keeps its traceback."""
+    from hydra.errors import (ConfigCompositionException, HydraException, InstantiationException,
+                              MissingConfigException, OverrideParseException)
+    from omegaconf import DictConfig
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    if isinstance(err, OverrideParseException):
+        lines = [line for line in err.message.splitlines() if not line.startswith("Error parsing override")]
+        detail = lines[0] if lines else "not an override"
+        caret = next((line.index("^") for line in lines if line.strip() == "^"), None)
+        if detail.startswith("LexerNoViableAltException") and caret is not None and err.override in detail:
+            pos = caret - detail.index(err.override)
+            if 0 <= pos < len(err.override):
+                detail = f"{err.override[pos]!r} at character {pos + 1} is not allowed there"
+        return f"cannot read the override {err.override!r} ({detail}): {QUOTE_ADVICE}."
+    if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
+        group, _, name = err.missing_cfg_file.rpartition("/")
+        options = sorted(err.options)
+        close = close_matches(name, options)
+        hint = f"did you mean {group}={close[0]}? " if close else ""
+        return (f"{group}={name} is not available: {hint}The choices for {group} are {', '.join(options)} "
+                f"(the files in conf/{group}/).")
+    cause = err.__cause__
+    if (isinstance(err, ConfigCompositionException) and isinstance(cause, (ConfigAttributeError, ConfigKeyError))
+            and isinstance(cause.parent_node, DictConfig) and cause.full_key):
+        parent = cause.parent_node
+        path, _, leaf = str(cause.full_key).rpartition(".")
+        keys = {str(k) for k in parent.keys()} - {"hydra"}
+        if not path:  # the top level: config groups are chosen there too (optimizer=sgd)
+            from lab import config
+
+            keys |= {d.name for d in config.conf_dir().iterdir() if d.is_dir() and not d.name.startswith(".")}
+        params, name = {}, ""
+        if path == "trainer" or "_target_" in parent:
+            from lab import train
+
+            params, name = train.accepted_keys(parent._get_root(), path)
+            params = params or {}
+        plus = re.search(r"use (\+\S.*)$", str(err), re.MULTILINE)
+        if leaf in params and plus:
+            return (f"{cause.full_key} is not in the config, but {name} takes it: add it with "
+                    f"{plus.group(1)} (the + adds a key).")
+        return str(unknown_key(str(cause.full_key), keys | set(params), "the config"))
+    if isinstance(err, InstantiationException) or not isinstance(err, (HydraException, OmegaConfBaseException)):
+        return None
+    skip = ("See https://hydra.cc", "Set the environment", "Config search path", "provider=")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.strip().startswith(skip)]
+    if isinstance(cause, OmegaConfBaseException):
+        lines += [line.strip() for line in str(cause).splitlines()[:1]]
+    return " ".join(lines) or type(err).__name__
 
 
 def train_command(argv: list[str]) -> None:
@@ -55,13 +168,35 @@ def train_command(argv: list[str]) -> None:
                 raise
             fail(user_error(err))
 
-    sys.argv = ["lab train", *argv]
+    sys.argv = ["lab train", *expand_home(argv)]
     signal.signal(signal.SIGTERM, raise_interrupted)  # the run ends KILLED, the exit status says so
+    # Without HYDRA_FULL_ERROR, Hydra prints its own errors and exits 1; with it, they reach the except below.
+    # Whoever set it already wants full tracebacks, and keeps them.
+    traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
     except Interrupted as stop:
         print(f"lab: interrupted by {stop}; the MLflow run was marked KILLED", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - only config errors are shortened; the rest re-raise
+        message = None if traces else hydra_error_message(err)
+        if message is None:
+            raise
+        fail(LabError(message))
+    finally:
+        if not traces:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", default=None,
+                        help="study name (default: the file's 'study'); a new name starts a separate study")
+    parser.add_argument("--n-trials", type=int, default=None, help="total trials for the study (overrides the file)")
+    parser.add_argument("--max-failures", type=int, default=None,
+                        help="stop after this many failed trials in a row (file: max_failures, default 5; 0: never)")
+    parser.add_argument("--max-retries", type=int, default=None,
+                        help="runs again of a trial whose worker died (file: max_retries, default 2)")
 
 
 def sweep_parser() -> argparse.ArgumentParser:
@@ -75,7 +210,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--gpus", default=None, help="comma-separated GPU ids (default: all visible GPUs)")
     sweep.add_argument("--workers-per-gpu", default="1", help="trials packed on each GPU: an integer or 'auto'")
     sweep.add_argument("--workers", type=int, default=None, help="worker processes when no GPU is used")
-    sweep.add_argument("--n-trials", type=int, default=None, help="total trials for the study (overrides the file)")
+    add_budget_arguments(sweep)
     sweep.add_argument("--storage", default=None, help="Optuna storage: journal file path or RDB URL")
     sweep.add_argument("--out", default=None, help="output folder (default: runs/<study>)")
     sweep.add_argument("--no-live", action="store_true", help="print one line per change instead of a live view")
@@ -87,14 +222,18 @@ def sweep_parser() -> argparse.ArgumentParser:
     worker.add_argument("sweep_file")
     worker.add_argument("--storage", default=None)
     worker.add_argument("--out", default=None)
-    worker.add_argument("--n-trials", type=int, default=None)
+    add_budget_arguments(worker)
     worker.add_argument("--worker-id", default=None, help="a name for this worker in logs and trial records")
-    worker.add_argument("overrides", nargs="*")
+    worker.add_argument("--no-check", action="store_true", help=argparse.SUPPRESS)  # the sweep parent checked
+    worker.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # the parent's, epoch s
+    worker.add_argument("overrides", nargs="*",
+                        help="Hydra overrides; none: the ones the study was created with")
 
     best = sub.add_parser("best", help="print the best trial and export it as an experiment config")
     best.add_argument("sweep_file")
     best.add_argument("--storage", default=None)
     best.add_argument("--out", default=None)
+    best.add_argument("--study", default=None, help="the study's name, when it was started with --study")
     best.add_argument("--export", default=None, help="write the experiment YAML here (default: conf/experiment/)")
     server.add_parser(sub)
     fetch.add_parser(sub)
@@ -121,10 +260,25 @@ def main(argv: list[str] | None = None) -> None:
     quiet_libraries()
     if argv and argv[0] == "train":
         return train_command(argv[1:])
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+    if not argv:  # no command: the usage, and the status of a missing argument
+        print(usage(), file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    if argv[0] in ("-h", "--help"):
+        print(usage())
         return
+    if argv[0] in ("-V", "--version"):
+        print(f"lab {version()}")
+        return
+    names = [name for name, _, _ in COMMANDS]
+    if argv[0] not in names:  # before argparse, whose message lists neither train nor a likely meaning
+        close = close_matches(argv[0], names, n=1)
+        hint = f"; did you mean {close[0]}?" if close else "."
+        what = "option" if argv[0].startswith("-") else "command"
+        fail(LabError(f"unknown {what} {argv[0]!r}{hint} The commands are {', '.join(names)}; "
+                      f"`lab --help` says what each does."))
     args = parse_args(argv)
+    if getattr(args, "overrides", None):
+        args.overrides = expand_home(args.overrides)
     from lab import confirm, fetch, report, server, sweep
 
     commands = {"sweep": sweep.sweep_command, "worker": sweep.worker_command, "best": sweep.best_command,

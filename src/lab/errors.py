@@ -1,8 +1,33 @@
+import difflib
+from collections.abc import Iterable
+
 from omegaconf.errors import OmegaConfBaseException
 
 
 class LabError(Exception):
     """A problem with the user's input or environment; the CLI prints it as one paragraph and exits 2."""
+
+
+def close_matches(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
+    """The few choices a typo most likely meant, best first: difflib's ratio >= 0.7 and within 0.1 of the
+    best one (max_epoch -> max_epochs, not min_epochs too)."""
+    scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in set(choices)),
+                    key=lambda rc: (-rc[0], rc[1]))
+    return [c for r, c in scored[:n] if r >= 0.7 and r >= scored[0][0] - 0.1]
+
+
+def unknown_key(key: str, valid: Iterable[str], where: str = "the config") -> LabError:
+    """`trainer.max_epoch is not a setting of the config: did you mean trainer.max_epochs?`, or, when no key
+    is close, the list of valid keys at that level."""
+    parent, _, leaf = key.rpartition(".")
+    prefix = f"{parent}." if parent else ""
+    valid = sorted(set(valid))
+    close = close_matches(leaf, valid)
+    if close:
+        hint = "did you mean " + " or ".join(prefix + c for c in close) + "?"
+    else:
+        hint = f"the keys {'under ' + parent if parent else 'at the top level'} are {', '.join(valid)}."
+    return LabError(f"{key} is not a setting of {where}: {hint}")
 
 
 def user_error(exc: BaseException) -> BaseException | None:

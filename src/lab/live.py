@@ -7,18 +7,19 @@ import time
 import optuna
 from optuna.trial import TrialState
 
+from lab import study as studies
 from lab.pool import Pool
 from lab.spec import Sweep
 
 
 def lines(sweep: Sweep, study: optuna.Study, pool: Pool, started: float) -> list[str]:
     trials = study.get_trials(deepcopy=False)
-    count = {s: sum(t.state == s for t in trials) for s in TrialState}
+    n = studies.counts(study)  # a trial cut off and queued again counts once, as its retry
     elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - started))
-    out = [f"{sweep.spec.study}  complete {count[TrialState.COMPLETE]}  running {count[TrialState.RUNNING]}"
-           f"  pruned {count[TrialState.PRUNED]}  failed {count[TrialState.FAIL]}  of {sweep.spec.n_trials}"
-           f"  [{elapsed}]"]
-    if count[TrialState.COMPLETE]:
+    out = [f"{sweep.spec.study}  complete {n['complete']}  running {n['running']}  pruned {n['pruned']}"
+           f"  failed {n['failed']}" + (f"  queued again {n['retried']}" if n["retried"] else "")
+           + f"  of {sweep.spec.n_trials}  [{elapsed}]"]
+    if n["complete"]:
         best = study.best_trial
         out.append(f"best {sweep.spec.metric}={best.value:.4f} (trial {best.number}) {json.dumps(best.params)}")
     running = {t.user_attrs.get("worker"): t for t in trials if t.state == TrialState.RUNNING}

@@ -20,6 +20,26 @@ from torchmetrics.classification import (
 from lab.errors import LabError
 
 
+def target_name(factory) -> str:
+    """torch.optim.Adam for a functools.partial of it (what Hydra's _partial_: true makes)."""
+    func = getattr(factory, "func", factory)
+    module = getattr(func, "__module__", "") or ""
+    if module.startswith("torch.optim"):  # torch.optim.adam.Adam -> torch.optim.Adam, as conf/ names it
+        module = "torch.optim.lr_scheduler" if "lr_scheduler" in module else "torch.optim"
+    return f"{module}.{getattr(func, '__qualname__', func)}".lstrip(".")
+
+
+def call_factory(factory, arg, key: str):
+    """factory(arg), with the ValueError/TypeError a torch optimizer or scheduler raises for a bad setting
+    ("Invalid learning rate: -0.01", "'<=' not supported between 'float' and 'str'") turned into a
+    LabError naming the config key. train.check_config calls this on a dummy parameter before any run exists."""
+    try:
+        return factory(arg)
+    except (TypeError, ValueError) as err:
+        raise LabError(f"{key} is not valid: {target_name(factory)} rejected its settings ({err}); "
+                       f"`lab train --cfg job` prints them.") from err
+
+
 class Diverged(RuntimeError):
     """Loss became NaN or infinite: the run failed, whatever Lightning would make of it."""
 
@@ -150,9 +170,10 @@ class Classifier(pl.LightningModule):
         self.test_metrics.reset()
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        optimizer = call_factory(self.optimizer_factory, [p for p in self.parameters() if p.requires_grad],
+                                 "model.optimizer")
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        scheduler = call_factory(self.scheduler_factory, optimizer, "model.scheduler")
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": self.scheduler_monitor}}

@@ -1,5 +1,6 @@
 """One trial: Optuna's sampled params -> Hydra overrides -> train.run with a pruning callback -> value."""
 import math
+import shlex
 from pathlib import Path
 
 import optuna
@@ -35,7 +36,7 @@ class PruningCallback(pl.Callback):
 
 def trial_overrides(sweep: Sweep, trial: optuna.Trial) -> list[str]:
     # Workers are quiet: no progress bar or model summary per trial; the sweep's live view reports.
-    return [*sweep.base_overrides, *sweep.trial_overrides(trial.params), f"mlflow.experiment={sweep.mlflow_experiment}",
+    return [*sweep.replay_overrides(trial), f"mlflow.experiment={sweep.mlflow_experiment}",
             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
@@ -44,7 +45,7 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, parent_run_id: str | None) -> f
     cfg = config.load(overrides)
     trial.set_user_attr("overrides", overrides)
     tags = {"trial.number": str(trial.number), "study": sweep.spec.study,
-            "lab.command": "lab train " + " ".join(overrides)}
+            "lab.command": "lab train " + shlex.join(sweep.replay_overrides(trial))}
 
     def record_run(client, run_id):
         trial.set_user_attr("mlflow_run_id", run_id)

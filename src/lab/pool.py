@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lab.errors import LabError
 
-MAX_RESTARTS = 3  # per slot: a worker that keeps dying is left dead rather than looping forever
+MAX_RESTARTS = 3  # per slot, deaths not explained by a trial: a worker that keeps dying is left dead
 STOP_GRACE_S = 20
 
 
@@ -50,6 +50,19 @@ def auto_per_gpu(n_params: int, gpu_memory_bytes: int) -> int:
     return int(max(1, min(8, (gpu_memory_bytes // 2) // per_trial)))
 
 
+def describe_exit(code: int) -> str:
+    """A worker's exit code as words: -9 is SIGKILL (the kernel's OOM killer, or kill -9)."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = {"SIGKILL": ": out of memory (the kernel's OOM killer) or kill -9",
+                "SIGSEGV": ": a segmentation fault", "SIGABRT": ": aborted"}.get(name, "")
+        return f"killed by {name}{hint}"
+    return f"exit status {code}"
+
+
 def placement(gpus: list[int], per_gpu: int, cpu_workers: int, cpu_count: int) -> list[Slot]:
     if per_gpu < 1:
         raise LabError(f"--workers-per-gpu={per_gpu} is not valid: it must be at least 1 (or 'auto').")
@@ -68,16 +81,18 @@ def placement(gpus: list[int], per_gpu: int, cpu_workers: int, cpu_count: int) -
 class Pool:
     """Starts `lab worker` processes, restarts crashed ones, and stops them all on request."""
 
-    def __init__(self, slots: list[Slot], worker_args: list[str], log_dir: Path):
+    def __init__(self, slots: list[Slot], worker_args: list[str], log_dir: Path, env: dict[str, str] | None = None):
         self.slots, self.worker_args, self.log_dir = slots, worker_args, log_dir
+        self.env = {**os.environ, **(env or {})}  # taken once: what this pool's workers see besides their slot's
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts = {s.name: 0 for s in slots}
-        self.finished: set[str] = set()  # slots whose worker exited 0: the budget is spent
+        self.finished: set[str] = set()  # slots whose worker exited 0 (the budget is spent) or gave up
+        self.dead: set[str] = set()  # crashed, not yet restarted
 
     def _start(self, slot: Slot) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{slot.name}.log", "a")
-        env = {**os.environ, **slot.env, "LAB_SPAWNED": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**self.env, **slot.env, "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "lab.cli", "worker", *self.worker_args, "--worker-id", slot.name]
         # Own session: a Ctrl-C in the terminal reaches the parent only, which stops workers in order.
         self.procs[slot.name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -88,12 +103,12 @@ class Pool:
         for slot in self.slots:
             self._start(slot)
 
-    def poll(self) -> list[str]:
-        """Restart crashed workers; returns the names of those that crashed since the last poll."""
-        crashed = []
+    def poll(self) -> dict[str, int]:
+        """{slot name: exit code} of the workers that crashed since the last poll; each waits for restart()."""
+        crashed = {}
         for slot in self.slots:
             proc = self.procs.get(slot.name)
-            if proc is None or slot.name in self.finished:
+            if proc is None or slot.name in self.finished or slot.name in self.dead:
                 continue
             code = proc.poll()
             if code is None:
@@ -101,13 +116,21 @@ class Pool:
             if code == 0:
                 self.finished.add(slot.name)
                 continue
-            crashed.append(slot.name)
-            if self.restarts[slot.name] < MAX_RESTARTS:
-                self.restarts[slot.name] += 1
-                self._start(slot)
-            else:
-                self.finished.add(slot.name)
+            crashed[slot.name] = code
+            self.dead.add(slot.name)
         return crashed
+
+    def restart(self, name: str, charged: bool = True) -> bool:
+        """Start a crashed slot's worker again. charged=False: the death is blamed on the trial it ran (whose
+        retries are limited on their own), so the slot stays alive for other trials. Returns whether it did."""
+        self.dead.discard(name)
+        if charged:
+            if self.restarts[name] >= MAX_RESTARTS:
+                self.finished.add(name)
+                return False
+            self.restarts[name] += 1
+        self._start(next(s for s in self.slots if s.name == name))
+        return True
 
     @property
     def running(self) -> bool:
@@ -117,11 +140,12 @@ class Pool:
         proc = self.procs.get(name)
         return proc is not None and proc.poll() is None
 
-    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """SIGTERM to every worker (each marks its trial and ends its MLflow run KILLED), SIGKILL after grace."""
+    def stop(self, grace_s: float = STOP_GRACE_S, sig: int = signal.SIGTERM) -> None:
+        """sig (the one the sweep got, so a trial's record says what happened) to every worker (each marks its
+        trial and ends its MLflow run KILLED), SIGKILL after grace."""
         for proc in self.procs.values():
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(sig)
         end = time.time() + grace_s
         for proc in self.procs.values():
             try:

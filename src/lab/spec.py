@@ -49,11 +49,28 @@ class SweepSpec:
     params: dict[str, ParamSpec] = field(default_factory=dict)
     enqueue: list[dict[str, Any]] = field(default_factory=list)  # configurations to try first
     mlflow_experiment: Optional[str] = None  # default: the study name
+    max_failures: int = 5  # consecutive failed trials that stop the sweep; 0: never stop
+    max_retries: int = 2  # times a trial whose worker process died is run again before it fails for good
 
 
 def encode_choice(value: Any) -> Any:
     """Optuna's categorical choices must be None/bool/int/float/str; lists travel as their override text."""
     return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+def override_key(override: str) -> str:
+    """`+a.b=1`, `++a.b=1`, `~a.b` and `a.b=1` all address a.b."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merge_overrides(*groups: list[str]) -> list[str]:
+    """Hydra applies overrides in order and the last value of a key wins: keep only that one, in its place,
+    so that `trainer.max_epochs=10 trainer.max_epochs=1` is stored and replayed as `trainer.max_epochs=1`."""
+    merged: dict[str, str] = {}
+    for override in (o for group in groups for o in group):
+        merged.pop(override_key(override), None)
+        merged[override_key(override)] = override
+    return list(merged.values())
 
 
 def override_value(value: Any) -> str:
@@ -112,32 +129,48 @@ def contains(dist, value) -> bool:
 
 @dataclass
 class Sweep:
-    """A validated sweep: the spec plus its Optuna distributions and base overrides."""
+    """A validated sweep: the spec plus its Optuna distributions and base overrides.
+
+    base_overrides: what every trial starts from (the file's experiment and overrides, then the command
+    line's); a study stores them when it is created, and commands that read a study adopt the stored ones.
+    """
 
     spec: SweepSpec
     path: Path
     space: dict[str, optuna.distributions.BaseDistribution]
-    extra_overrides: list[str]
+    base_overrides: list[str]
+    notes: list[str] = field(default_factory=list)  # said once before the sweep starts
 
     @property
-    def base_overrides(self) -> list[str]:
-        exp = [f"experiment={self.spec.experiment}"] if self.spec.experiment else []
-        return [*exp, *self.spec.overrides, *self.extra_overrides]
+    def grid_size(self) -> int | None:
+        if self.spec.sampler.get("name") != "grid":
+            return None
+        return math.prod(len(grid_values(n, d)) for n, d in self.space.items())
 
     @property
     def mlflow_experiment(self) -> str:
         return self.spec.mlflow_experiment or self.spec.study
 
-    def trial_overrides(self, params: dict[str, Any]) -> list[str]:
-        return [f"{name}={override_value(value)}" for name, value in params.items()]
+    def trial_overrides(self, params: dict[str, Any], base: bool = False) -> list[str]:
+        """The params as overrides; base=True: after the base overrides, with the params winning."""
+        own = [f"{name}={override_value(value)}" for name, value in params.items()]
+        return merge_overrides(self.base_overrides, own) if base else own
+
+    def replay_overrides(self, trial) -> list[str]:
+        """What `lab train` needs to train exactly what a trial trained: base overrides, params, and the
+        worker's thread count (a different count sums in another order: another last digit)."""
+        threads = trial.user_attrs.get("threads")
+        return self.trial_overrides(trial.params, base=True) + ([f"threads={threads}"] if threads else [])
 
     def space_json(self) -> str:
         return json.dumps({k: optuna.distributions.distribution_to_json(d) for k, d in self.space.items()},
                           sort_keys=True)
 
 
-def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None = None, check: bool = True) -> Sweep:
-    """check=False skips composing the config per parameter (workers the parent already checked for)."""
+def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None = None, check: bool = True,
+         max_failures: int | None = None, max_retries: int | None = None) -> Sweep:
+    """check=False skips composing the config per parameter (workers the parent already checked for).
+    n_trials, max_failures, max_retries: command-line values that replace the file's."""
     path = Path(path)
     if not path.is_file():
         raise LabError(f"sweep file {path} does not exist; shipped sweeps are in sweeps/*.yaml.")
@@ -153,11 +186,13 @@ def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None
         raise LabError(f"{path}: invalid sweep file at {key!r}: {str(err).splitlines()[0]}. Valid keys: "
                        f"{sorted(SweepSpec.__dataclass_fields__)}; each param takes "
                        f"{sorted(ParamSpec.__dataclass_fields__)}.") from err
-    if n_trials is not None:
-        spec.n_trials = n_trials
+    for key, value in (("n_trials", n_trials), ("max_failures", max_failures), ("max_retries", max_retries)):
+        if value is not None:
+            setattr(spec, key, value)
     check_spec(spec, path)
     space = {name: distribution(name, p) for name, p in spec.params.items()}
-    sweep = Sweep(spec, path, space, list(extra_overrides))
+    exp = [f"experiment={spec.experiment}"] if spec.experiment else []
+    sweep = Sweep(spec, path, space, merge_overrides(exp, spec.overrides, list(extra_overrides)))
     if check:
         check_paths(sweep)
     for i, values in enumerate(spec.enqueue):
@@ -166,10 +201,11 @@ def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None
                 raise LabError(f"enqueue[{i}] sets {name!r}, which is not a searched parameter {sorted(space)}.")
             if not contains(space[name], value):
                 raise LabError(f"enqueue[{i}].{name}={value!r} lies outside its search space {space[name]}.")
-    if spec.sampler.get("name") == "grid":
-        grid_size = math.prod(len(grid_values(n, d)) for n, d in space.items())
-        if spec.n_trials > grid_size:
-            spec.n_trials = grid_size  # the grid is exhausted after this many trials
+    grid_size = sweep.grid_size
+    if grid_size is not None and spec.n_trials > grid_size:
+        sweep.notes.append(f"n_trials={spec.n_trials} is more than the grid's {grid_size} combinations: "
+                           f"running each combination once ({grid_size} trials).")
+        spec.n_trials = grid_size
     return sweep
 
 
@@ -180,6 +216,12 @@ def check_spec(spec: SweepSpec, path: Path) -> None:
         raise LabError(f"{path}: direction={spec.direction!r} is not valid: choose one of {list(DIRECTIONS)}.")
     if spec.n_trials < 1:
         raise LabError(f"{path}: n_trials={spec.n_trials} is not valid: it must be at least 1.")
+    if spec.max_failures < 0:
+        raise LabError(f"{path}: max_failures={spec.max_failures} is not valid: give the number of consecutive "
+                       "failed trials that stops the sweep (at least 1), or 0 to never stop.")
+    if spec.max_retries < 0:
+        raise LabError(f"{path}: max_retries={spec.max_retries} is not valid: give how many times a trial whose "
+                       "worker died is run again (0 or more).")
     known = spec.metric in EPOCH_METRICS + FINAL_METRICS or spec.metric.startswith("test/f1/")
     if not known:
         raise LabError(f"{path}: metric={spec.metric!r} is not a logged metric: choose one of "
@@ -206,8 +248,20 @@ def check_paths(sweep: Sweep) -> None:
             probes = [dist.low, dist.high]
         for value in probes:
             try:
-                config.load([*sweep.base_overrides, *sweep.trial_overrides({name: value})])
+                config.load(sweep.trial_overrides({name: value}, base=True))
             except Exception as err:  # noqa: BLE001
                 raise LabError(f"{sweep.path}: parameter {name!r} = {value!r} cannot be applied to the config: "
                                f"{str(err).splitlines()[0]}. Use a Hydra override path that exists, such as "
                                "model.optimizer.lr, data.batch_size, data.image_size or model.net.dropout.") from err
+
+
+def from_args(args, check: bool = True) -> Sweep:
+    """The sweep file with a command's overrides and options (argparse names); --study renames its study."""
+    sweep = load(args.sweep_file, getattr(args, "overrides", ()), getattr(args, "n_trials", None), check=check,
+                 max_failures=getattr(args, "max_failures", None), max_retries=getattr(args, "max_retries", None))
+    name = getattr(args, "study", None)
+    if name is not None:
+        if not name.strip() or "/" in name or name in (".", ".."):
+            raise LabError(f"--study={name!r} is not valid: give a name, without '/'.")
+        sweep.spec.study = name
+    return sweep

@@ -3,11 +3,14 @@
 Journal file storage is the default (many processes on one host, no "database is locked"); RDB URLs
 (postgresql://, sqlite:///) serve studies shared across hosts and get heartbeats.
 """
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import socket
 import time
+import uuid
 import zlib
 from pathlib import Path
 
@@ -17,8 +20,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from lab.errors import LabError
-from lab.tracking import mask_password
 from lab.spec import Sweep, grid_values
+from lab.uris import is_rdb, mask_password
 
 log = logging.getLogger(__name__)
 # RDB only: a trial without a heartbeat for GRACE_S seconds is failed and retried. Environment overrides
@@ -27,14 +30,23 @@ HEARTBEAT_S = int(os.environ.get("LAB_HEARTBEAT_S", 30))
 GRACE_S = int(os.environ.get("LAB_GRACE_S", 120))
 RETRY_OF = "lab.retry_of"  # user attr of a queued trial: the number of the trial it repeats
 RESUME_FROM = "lab.resume_from"  # user attr of a queued trial: the checkpoint it continues from
-
-
-def is_rdb(storage: str) -> bool:
-    return "://" in storage
+ATTEMPT = "lab.attempt"  # user attr: 1 for a trial's first run, 2 for its first retry after its worker died
+BASE_ATTR = "lab.base_overrides"  # study attr: the overrides every trial starts from, fixed at creation
+UID_ATTR = "lab.uid"  # study attr: tells this study from an earlier one of the same name and storage
+LAUNCH_ATTR = "lab.launch_after"  # study attr: the last trial number before this launch of `lab sweep`
 
 
 def default_storage(out_dir: Path) -> str:
     return str(out_dir / "study.journal")
+
+
+def locate(sweep: Sweep, storage: str | None = None, out: str | None = None) -> tuple[Path, str]:
+    """(output folder, storage): runs/<study>/ and its study.journal unless --out/--storage say otherwise."""
+    out_dir = Path(out or Path("runs") / sweep.spec.study).resolve()
+    storage = storage or default_storage(out_dir)
+    if not is_rdb(storage):
+        storage = str(Path(storage).resolve())
+    return out_dir, storage
 
 
 def repair_journal(path: Path) -> Path | None:
@@ -57,8 +69,9 @@ def repair_journal(path: Path) -> Path | None:
     return aside
 
 
-def open_storage(storage: str, repair: bool = False, on_stale=None):
-    """on_stale(study, trial): RDB storage calls it for each trial whose heartbeat stopped."""
+def open_storage(storage: str, repair: bool = False, on_stale=None, create: bool = True):
+    """on_stale(study, trial): RDB storage calls it for each trial whose heartbeat stopped.
+    create=False: a journal file that does not exist is an error, not a new empty study."""
     if is_rdb(storage):
         try:
             return RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
@@ -66,10 +79,71 @@ def open_storage(storage: str, repair: bool = False, on_stale=None):
         except Exception as err:  # noqa: BLE001 - unreachable server, bad driver, bad URL
             raise LabError(f"cannot open Optuna storage {mask_password(storage)}: {err}") from err
     path = Path(storage)
+    if not create and not path.is_file():
+        raise KeyError(storage)
     path.parent.mkdir(parents=True, exist_ok=True)
     if repair:  # only where no worker is writing yet: the parent before it starts them
         repair_journal(path)
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+def load(sweep: Sweep, storage: str, command: str = "lab sweep") -> optuna.Study:
+    """An existing study, for the commands that read one; creates nothing, not even an empty journal.
+    The sweep adopts the overrides the study was created with."""
+    try:
+        study = optuna.load_study(study_name=sweep.spec.study, storage=open_storage(storage, create=False))
+    except KeyError as err:
+        raise LabError(f"no study {sweep.spec.study!r} in {mask_password(storage)}: run `{command} {sweep.path}` "
+                       "first, or pass --storage/--out/--study where it ran.") from err
+    adopt(sweep, study)
+    return study
+
+
+def adopt(sweep: Sweep, study: optuna.Study) -> None:
+    stored = study.user_attrs.get(BASE_ATTR)
+    if stored is not None:
+        sweep.base_overrides = list(stored)
+
+
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid, run by ask/tell workers across launches.
+
+    - after_trial: Optuna's calls study.stop() once the grid is done, which raises outside optimize(); the
+      workers stop on their own when every combination has run (exhausted()).
+    - A combination that is running is not handed out again.
+    - A combination whose trial failed in an earlier launch counts as not yet run, so that rerunning the
+      sweep after fixing the cause (missing data, say) runs exactly those again. Within one launch a failed
+      combination stays done: the failure limit, not a retry loop, deals with it.
+    """
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+    def _get_unvisited_grid_ids(self, study: optuna.Study) -> list[int]:
+        launch = study.user_attrs.get(LAUNCH_ATTR, -1)
+        visited, running = set(), set()
+        for t in study._storage.get_all_trials(study._study_id, deepcopy=False):  # noqa: SLF001 - as Optuna's own
+            grid_id = t.system_attrs.get("grid_id")
+            if grid_id is None:
+                grid_id = self._grid_id_of(t.params)  # a retried trial carries its params, not its grid id
+            if grid_id is None:
+                continue
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and t.number > launch):
+                visited.add(grid_id)
+            elif t.state in (TrialState.RUNNING, TrialState.WAITING):
+                running.add(grid_id)
+        # Optuna falls back to the running combinations here (for workers that cannot wait); lab's workers
+        # wait for them instead, so that each combination runs once.
+        return sorted(set(range(len(self._all_grids))) - visited - running)
+
+    def _grid_id_of(self, params: dict) -> int | None:
+        if set(params) != set(self._param_names):
+            return None
+        cell = tuple(params[name] for name in self._param_names)
+        return next((i for i, grid in enumerate(self._all_grids) if tuple(grid) == cell), None)
+
+    def exhausted(self, study: optuna.Study) -> bool:
+        return not self._get_unvisited_grid_ids(study)
 
 
 def make_sampler(sweep: Sweep, worker_id: str | None = None) -> optuna.samplers.BaseSampler:
@@ -78,12 +152,14 @@ def make_sampler(sweep: Sweep, worker_id: str | None = None) -> optuna.samplers.
     options = dict(sweep.spec.sampler)
     name = options.pop("name")
     seed = options.pop("seed", None)
-    if seed is not None and worker_id is not None:
+    # Not for the grid: its seed shuffles the order of the combinations, and a grid id in the storage must
+    # name the same combination in every worker.
+    if seed is not None and worker_id is not None and name != "grid":
         seed = (int(seed) + zlib.crc32(worker_id.encode())) % 2**31
     try:
         if name == "grid":
             space = {n: grid_values(n, d) for n, d in sweep.space.items()}
-            return optuna.samplers.GridSampler(space, seed=seed, **options)
+            return GridSampler(space, seed=seed, **options)
         cls = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
                "cmaes": optuna.samplers.CmaEsSampler, "gp": optuna.samplers.GPSampler,
                "qmc": optuna.samplers.QMCSampler}[name]
@@ -111,8 +187,9 @@ def identity(sweep: Sweep) -> dict[str, str]:
 
 
 def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, repair: bool = False,
-                     on_stale=None) -> optuna.Study:
-    """Create the study, or check that the stored one is the same experiment."""
+                     on_stale=None, join: bool = False) -> optuna.Study:
+    """Create the study, or check that the stored one is the same experiment (space, metric, overrides).
+    join=True (a `lab worker` given no overrides): take the stored overrides as they are."""
     store = open_storage(storage, repair, on_stale)
     names = {s.study_name for s in optuna.study.get_all_study_summaries(store, include_best_trial=False)}
     study = optuna.create_study(study_name=sweep.spec.study, storage=store, sampler=make_sampler(sweep, worker_id),
@@ -125,36 +202,122 @@ def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, r
                 raise LabError(
                     f"study {sweep.spec.study!r} in {mask_password(storage)} was created with {what}="
                     f"{stored.get(key)}, the sweep file now says {what}={now}. Resuming would mix incomparable "
-                    "trials: restore the file, or give the changed sweep a new 'study' name."
+                    "trials: restore the file, or start a new study with --study NAME."
                 )
+        before = stored.get(BASE_ATTR)
+        if join and before is not None:
+            sweep.base_overrides = list(before)
+        elif before is not None and list(before) != sweep.base_overrides:
+            raise LabError(
+                f"study {sweep.spec.study!r} was created with the overrides {' '.join(before) or '(none)'}; this "
+                f"launch gives {' '.join(sweep.base_overrides) or '(none)'}. Resuming would mix trials trained "
+                "differently: repeat the original overrides to resume, or add --study NEW_NAME to start a "
+                "separate study from the same file."
+            )
+        if before is None:  # a study from before overrides were stored
+            study.set_user_attr(BASE_ATTR, sweep.base_overrides)
+        if UID_ATTR not in stored:
+            study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
     else:
         for key, value in identity(sweep).items():
             study.set_user_attr(key, value)
+        study.set_user_attr(BASE_ATTR, sweep.base_overrides)
+        study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
         for values in sweep.spec.enqueue:
             study.enqueue_trial(values, skip_if_exists=True)
     return study
 
 
-def used_budget(study: optuna.Study) -> int:
-    """Trials that use up n_trials: finished, running, and failures that were not queued again."""
+def begin_launch(study: optuna.Study) -> None:
+    """Failures of earlier launches neither count towards this launch's failure limit nor keep a grid
+    combination from running again."""
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+    study.set_user_attr(LAUNCH_ATTR, max((t.number for t in trials), default=-1))
+
+
+def retried(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
+    """Numbers of the failed trials that were queued again (their retry stands in for them)."""
+    return {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    """complete, pruned, running, failed (for good), retried (cut off and queued again), waiting."""
+    trials = study.get_trials(deepcopy=False)
+    again = retried(trials)
+    out = dict.fromkeys(("complete", "pruned", "running", "failed", "retried", "waiting"), 0)
+    for t in trials:
+        if t.state == TrialState.FAIL:
+            out["retried" if t.number in again else "failed"] += 1
+        elif t.state.name.lower() in out:
+            out[t.state.name.lower()] += 1
+    return out
+
+
+def used_budget(study: optuna.Study) -> int:
+    """Trials that use up n_trials: finished, pruned, running, and retries queued for trials that were cut
+    off. Failed trials do not: a sweep whose trials fail stops at max_failures, with its budget left."""
+    trials = study.get_trials(deepcopy=False)
     return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-               or (t.state == TrialState.FAIL and t.number not in retried) for t in trials)
+               or (t.state == TrialState.WAITING and RETRY_OF in t.user_attrs) for t in trials)
 
 
-def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
-    """A trial that did not end on its own (worker killed, interrupt, lost heartbeat): fail it if still
-    RUNNING, and queue its configuration again, to resume from its last checkpoint when it has one."""
+def queued_retries(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) if RETRY_OF in t.user_attrs]
+
+
+def done(sweep: Sweep, study: optuna.Study, sampler: optuna.samplers.BaseSampler | None = None) -> bool:
+    """No new trial is needed: the budget is spent, or every grid combination has run."""
+    if used_budget(study) >= sweep.spec.n_trials:
+        return True
+    return isinstance(sampler, GridSampler) and sampler.exhausted(study)
+
+
+def failure_streak(sweep: Sweep, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The longest run of consecutive failed trials in this launch, in the order they ended, once it reaches
+    max_failures (else []). Cut-off trials that were queued again are neither failures nor successes."""
+    if not sweep.spec.max_failures:
+        return []
+    launch = study.user_attrs.get(LAUNCH_ATTR, -1)
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    again = retried(study.get_trials(deepcopy=False))
+    ended = sorted((t for t in trials if t.number > launch and t.number not in again),
+                   key=lambda t: (t.datetime_complete.timestamp() if t.datetime_complete else 0.0, t.number))
+    run: list[optuna.trial.FrozenTrial] = []
+    for t in ended:
+        run = run + [t] if t.state == TrialState.FAIL else []
+        if len(run) >= sweep.spec.max_failures:
+            return run
+    return []
+
+
+def fail_reason(trial: optuna.trial.FrozenTrial) -> str:
+    return trial.user_attrs.get("fail_reason") or "no reason recorded"
+
+
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str, max_retries: int | None = None) -> bool:
+    """A trial that did not end on its own (worker died, interrupt, lost heartbeat): fail it if still RUNNING
+    and queue its configuration again, to resume from its last checkpoint when it has one.
+
+    max_retries: a trial whose worker died this many times already fails for good (a configuration that
+    takes its process down, a segfault or the kernel's OOM killer, must not be tried forever). None: an
+    interrupt, which retries without counting. Returns whether the trial was queued again."""
+    attempt = int(trial.user_attrs.get(ATTEMPT, 1))
+    again = max_retries is None or attempt <= max_retries
+    if not again:
+        reason = f"{reason}; gave up after {attempt} attempts (max_retries={max_retries})"
     if trial.state == TrialState.RUNNING:
         # Another process's trial: Optuna has no public attribute setter for it short of the storage.
         study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)  # noqa: SLF001
         study.tell(trial.number, state=TrialState.FAIL)
-    attrs = {RETRY_OF: trial.number, "lab.retry_reason": reason}
+    if not again:
+        return False
+    attrs = {RETRY_OF: trial.number, "lab.retry_reason": reason,
+             ATTEMPT: attempt if max_retries is None else attempt + 1}
     last = Path(trial.user_attrs.get("checkpoint_dir", "/nonexistent")) / "last.ckpt"
     if last.is_file():
         attrs[RESUME_FROM] = str(last)
     study.enqueue_trial(trial.params, user_attrs=attrs)
+    return True
 
 
 def pid_alive(pid: int) -> bool:
@@ -172,6 +335,62 @@ def stale_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     host = socket.gethostname()
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if t.user_attrs.get("host") == host and not pid_alive(int(t.user_attrs.get("pid", -1)))]
+
+
+def reap(study: optuna.Study, storage: str, abandon) -> list[optuna.trial.FrozenTrial]:
+    """Fail (and queue again, within max_retries) trials whose worker is gone: RDB storage finds them by their
+    stopped heartbeat and calls its stale-trial callback; journal storage (no heartbeat) by a dead process
+    id on this host, calling abandon(trial). Call with the budget lock held. Returns the trials reaped."""
+    if is_rdb(storage):
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        optuna.storages.fail_stale_trials(study)
+        still = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        return [t for t in running if t.number not in still]
+    stale = stale_trials(study)
+    for trial in stale:
+        abandon(trial)
+    return stale
+
+
+_ENGINES: dict = {}
+
+
+@contextlib.contextmanager
+def budget_lock(storage: str, out_dir: Path, study_name: str):
+    """One worker at a time checks the budget and asks for a trial, so n_trials is exact.
+
+    Journal and SQLite storage live on one host: an exclusive file lock. PostgreSQL and MySQL are shared
+    across hosts: a lock held by the database itself (an advisory lock), released if a host dies."""
+    if not is_rdb(storage) or storage.startswith("sqlite"):
+        path = out_dir / "budget.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    import sqlalchemy  # Optuna's RDB storage depends on it
+
+    if storage not in _ENGINES:
+        _ENGINES[storage] = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool)
+    key = zlib.crc32(f"lab-budget:{study_name}".encode())  # one lock per study, whatever each host's --out
+    engine = _ENGINES[storage]
+    dialect = engine.dialect.name
+    if dialect == "postgresql":
+        lock, unlock = "SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"
+    elif dialect in ("mysql", "mariadb"):
+        lock, unlock = "SELECT GET_LOCK(CONCAT('lab', :key), -1)", "SELECT RELEASE_LOCK(CONCAT('lab', :key))"
+    else:
+        raise LabError(f"storage {mask_password(storage)}: lab shares studies across hosts on PostgreSQL or "
+                       "MySQL; use a journal file or sqlite:/// on one host.")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(lock), {"key": key})
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text(unlock), {"key": key})
 
 
 def trial_table(study: optuna.Study) -> list[dict]:

@@ -31,7 +31,16 @@ def parent_run(study: optuna.Study, sweep: Sweep, uri: str, storage: str) -> str
         client.update_run(run_id, status="RUNNING")
         return run_id
     exp_id = tracking.experiment_id(uri, sweep.mlflow_experiment)
-    tags = {**tracking.environment_tags(), **tracking.git_state(), "lab.sweep": "true", "study": sweep.spec.study}
+    # A launch that died between creating the run and recording it on the study left one behind: reuse it.
+    uid = study.user_attrs.get(studies.UID_ATTR, "")
+    same = client.search_runs([exp_id], f"tags.`lab.study_uid` = '{uid}'", max_results=1) if uid else []
+    if same:
+        run_id = same[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        study.set_user_attr(PARENT_ATTR, run_id)
+        return run_id
+    tags = {**tracking.environment_tags(), **tracking.git_state(), "lab.sweep": "true", "study": sweep.spec.study,
+            "lab.study_uid": uid}
     run_id = client.create_run(exp_id, run_name=f"sweep-{sweep.spec.study}", tags=tags).info.run_id
     spec = sweep.spec
     params = {"study": spec.study, "experiment": spec.experiment, "overrides": json.dumps(sweep.base_overrides),
@@ -42,6 +51,30 @@ def parent_run(study: optuna.Study, sweep: Sweep, uri: str, storage: str) -> str
     client.log_text(run_id, sweep.path.read_text(), "sweep.yaml")
     study.set_user_attr(PARENT_ATTR, run_id)
     return run_id
+
+
+def tag_run(uri: str, trial: optuna.trial.FrozenTrial | optuna.Trial, state: str, reason: str | None) -> None:
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        return
+    client = MlflowClient(uri)
+    client.set_tag(run_id, "trial.state", state)
+    if reason:
+        client.set_tag(run_id, "trial.reason", reason[:5000])
+
+
+def abandoner(uri: str, max_retries: int):
+    """abandon(study, trial, reason) for a trial whose worker is gone: fail it, queue it again within
+    max_retries, and end its MLflow run FAILED (nobody else will). Also RDB storage's stale-trial callback."""
+
+    def abandon(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str = "heartbeat lost") -> None:
+        again = studies.retry(study, trial, reason, max_retries)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id and MlflowClient(uri).get_run(run_id).info.status == "RUNNING":
+            tag_run(uri, trial, "RETRIED" if again else "FAIL", reason)
+            MlflowClient(uri).set_terminated(run_id, "FAILED")
+
+    return abandon
 
 
 def update_best(client: MlflowClient, run_id: str, study: optuna.Study) -> None:

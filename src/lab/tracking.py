@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from lab.errors import Interrupted, StopRun  # noqa: E402
+from lab.uris import mask_password  # noqa: E402,F401 - tracking.mask_password is used by callers
 
 PACKAGES = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "hydra-core", "mlflow", "optuna")
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -46,11 +47,6 @@ def experiment_id(uri: str, name: str) -> str:
         return client.create_experiment(name)
     except mlflow.exceptions.MlflowException:  # another process created it between the two calls
         return client.get_experiment_by_name(name).experiment_id
-
-
-def mask_password(text: str) -> str:
-    """scheme://user:secret@host -> scheme://user:***@host, for anything printed, logged or tagged."""
-    return re.sub(r"(://[^:/@\s]+:)[^@/\s]+@", r"\1***@", str(text))
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict[str, str]:

@@ -2,8 +2,13 @@
 
 run() is what `lab train` and every sweep trial execute, so a trial replays as a plain `lab train`.
 """
+import importlib
+import inspect
 import logging
+import math
 import os
+import types
+import typing
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -15,6 +20,8 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 from lab import tracking
 from lab.checkpoints import LastCheckpoint
+from lab.errors import LabError, unknown_key
+from lab.module import call_factory
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +48,152 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     return kwargs
 
 
-def set_threads() -> None:
-    """$LAB_TORCH_THREADS: the sweep pool splits the cores among workers instead of oversubscribing them;
-    a replay with the same value computes the same sums in the same order."""
-    threads = int(os.environ.get("LAB_TORCH_THREADS", "0"))
+# -- the config checked before any MLflow run exists ------------------------------------------------------
+# A bad value used to surface as a torch or Lightning traceback mid-fit, with a FAILED run left behind.
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# key: (test, what is valid). Keys absent from the composed config (momentum with Adam) are not checked.
+RULES = {
+    "seed": (_whole, "a whole number"),
+    "threads": (lambda v: v is None or (_whole(v) and v >= 0), "a whole number >= 0 (0: $LAB_TORCH_THREADS)"),
+    "model.optimizer.lr": (lambda v: _number(v) and 0 < v < math.inf, "a number > 0, e.g. 1e-3"),
+    "model.optimizer.weight_decay": (lambda v: _number(v) and 0 <= v < math.inf, "a number >= 0 (0: no L2 penalty)"),
+    "model.optimizer.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1), e.g. 0.9"),
+    "data.batch_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1, e.g. 64"),
+    "trainer.max_epochs": (lambda v: v is None or (_whole(v) and (v >= 1 or v == -1)),
+                           "a whole number of epochs >= 1 (-1: no limit)"),
+}
+TRAINER_SET_BY_LAB = ("logger", "callbacks", "default_root_dir")
+
+
+def target_params(target) -> dict[str, inspect.Parameter] | None:
+    """The keyword arguments a class or function accepts, following **kwargs up a class's bases;
+    None when it takes any keyword (or its signature cannot be read)."""
+    chain = [c for c in target.__mro__ if "__init__" in vars(c)] if isinstance(target, type) else [target]
+    params: dict[str, inspect.Parameter] = {}
+    for obj in chain:
+        if obj is object:
+            return None
+        fn = obj.__init__ if isinstance(target, type) else obj
+        try:
+            sig = inspect.signature(fn, eval_str=True)
+        except Exception:  # noqa: BLE001 - an annotation that does not evaluate: keep the names only
+            try:
+                sig = inspect.signature(fn)
+            except (TypeError, ValueError):
+                return None
+        takes_any = False
+        for name, p in sig.parameters.items():
+            if p.kind is p.VAR_KEYWORD:
+                takes_any = True
+            elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name != "self":
+                params.setdefault(name, p)
+        if not takes_any:
+            return params
+    return None
+
+
+def _numbers(p: inspect.Parameter) -> set[type] | None:
+    """The types a parameter admits when they are all numbers ({int}, {int, float}, {int, bool}...), else None.
+    No annotation: a number default admits any number."""
+    ann = p.annotation
+    if ann is inspect.Parameter.empty:
+        return {int, float} if _number(p.default) else None
+    members = set(typing.get_args(ann)) if typing.get_origin(ann) in (typing.Union, types.UnionType) else {ann}
+    members.discard(type(None))
+    return members if members and members <= {int, float, bool} else None
+
+
+def _check_value(key: str, value, p: inspect.Parameter) -> None:
+    kinds = _numbers(p)
+    if kinds is None or value is None or type(value) in kinds or (float in kinds and _whole(value)):
+        return
+    what = "a whole number" if kinds == {int} else "a number"
+    raise LabError(f"{key}={value!r} is not valid: it must be {what}.")
+
+
+def accepted_keys(cfg: DictConfig, path: str) -> tuple[dict[str, inspect.Parameter] | None, str]:
+    """What the object built from the config node at path accepts, and its name for messages:
+    Lightning's Trainer for `trainer`, the _target_ of a node that has one; (None, '') otherwise."""
+    if path == "trainer":
+        params = {k: v for k, v in target_params(pl.Trainer).items() if k not in TRAINER_SET_BY_LAB}
+        return params, "Lightning's Trainer"
+    node = OmegaConf.select(cfg, path) if path else cfg
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return None, ""
+    target_path = str(node._target_)
+    return target_params(locate(f"{path}._target_", target_path)), target_path
+
+
+def locate(key: str, dotted: str):
+    """The class or function a _target_ names: the longest importable module prefix, then attributes."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        module = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name is not None and not module.startswith(err.name):
+                raise  # the module exists but one of its own imports is missing: not the user's typo
+            continue
+        for j, attr in enumerate(parts[i:], start=i):
+            if not hasattr(obj, attr):
+                raise LabError(f"{key}={dotted} is not valid: {'.'.join(parts[:j])} has no {attr!r}.")
+            obj = getattr(obj, attr)
+        return obj
+    raise LabError(f"{key}={dotted} is not valid: there is no module {parts[0]!r}.")
+
+
+def _check_node(cfg: DictConfig, node: DictConfig, path: str) -> None:
+    params, name = accepted_keys(cfg, path)
+    if params is not None:  # lab passes the required ones it does not take from the config (params, in_shape...)
+        params = {k: p for k, p in params.items() if p.default is not p.empty or k in node}
+    for key in node.keys():
+        key = str(key)
+        full = f"{path}.{key}" if path else key
+        if key.startswith("_") and key.endswith("_") or OmegaConf.is_missing(node, key):
+            continue
+        if path == "trainer" and key in TRAINER_SET_BY_LAB:
+            raise LabError(f"{full} is not valid: lab sets the Trainer's {key} itself; remove the override.")
+        if params is not None and key not in params:
+            raise unknown_key(full, params, name)
+        value = node[key]
+        if full in RULES:
+            test, valid = RULES[full]
+            if not test(value):
+                raise LabError(f"{full}={value!r} is not valid: it must be {valid}.")
+        elif params is not None:
+            _check_value(full, value, params[key])
+        if isinstance(value, DictConfig):
+            _check_node(cfg, value, full)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every key of trainer and of each _target_ node is an argument of what it builds, numbers are numbers,
+    RULES hold, and the optimizer and scheduler accept their settings: all before any MLflow run exists."""
+    for key in ("seed", "trainer"):
+        if key not in cfg:
+            raise LabError(f"{key} is missing from the config: conf/train.yaml sets it.")
+    _check_node(cfg, cfg, "")
+    optimizer_cfg = cfg.get("model", {}).get("optimizer")
+    if optimizer_cfg is not None:  # torch checks the rest (betas, eps, ...) when it builds one
+        dummy = [torch.nn.Parameter(torch.zeros(1))]
+        optimizer = call_factory(instantiate(optimizer_cfg), dummy, "model.optimizer")
+        if cfg.model.get("scheduler") is not None:
+            call_factory(instantiate(cfg.model.scheduler), optimizer, "model.scheduler")
+
+
+def set_threads(cfg: DictConfig) -> None:
+    """cfg.threads, else $LAB_TORCH_THREADS: sweep workers split the cores instead of oversubscribing them
+    and record their count in each trial's overrides; a replay with the same count sums in the same order."""
+    threads = int(cfg.get("threads") or 0) or int(os.environ.get("LAB_TORCH_THREADS") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
 
@@ -69,7 +218,8 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
     on_run(client, run_id) is called once the MLflow run exists (sweeps record the run id on the trial);
     resume_from: a Lightning checkpoint to continue from (epoch, weights, optimizer state).
     """
-    set_threads()
+    check_config(cfg)
+    set_threads(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model = build(cfg)
     out_dir = Path(out_dir)

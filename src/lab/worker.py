@@ -5,12 +5,10 @@ under one lock: n_trials is exact even with many workers. On RDB storage a threa
 heartbeat, since Optuna records heartbeats only inside optimize().
 """
 import contextlib
-import fcntl
 import gc
 import logging
 import math
 import os
-import signal
 import socket
 import threading
 import time
@@ -23,26 +21,11 @@ from optuna.trial import TrialState
 
 from lab import study as studies
 from lab import sweep_tracking, tracking
-from lab.errors import Interrupted, LabError, raise_interrupted
+from lab.errors import Interrupted, LabError
 from lab.spec import Sweep
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 2.0  # a worker waiting for the last running trials checks this often
-
-
-@contextlib.contextmanager
-def budget_lock(path: Path | None):
-    """An exclusive file lock across the workers of one host; None (RDB across hosts) locks nothing."""
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -75,23 +58,8 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def abandon(study: optuna.Study, trial: optuna.trial.FrozenTrial, uri: str, reason: str) -> None:
-    """A trial whose worker is gone: fail and re-queue it, and end its MLflow run FAILED (nobody else will)."""
-    studies.retry(study, trial, reason)
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id and MlflowClient(uri).get_run(run_id).info.status == "RUNNING":
-        tag_run(uri, trial, "FAIL", reason)
-        MlflowClient(uri).set_terminated(run_id, "FAILED")
-
-
-def tag_run(uri: str, trial: optuna.trial.FrozenTrial | optuna.Trial, state: str, reason: str | None) -> None:
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    if not run_id:
-        return
-    client = MlflowClient(uri)
-    client.set_tag(run_id, "trial.state", state)
-    if reason:
-        client.set_tag(run_id, "trial.reason", reason[:5000])
+def describe(stop: Interrupted) -> str:
+    return "Ctrl-C (SIGINT)" if str(stop) == "SIGINT" else str(stop)
 
 
 def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str, uri: str, run_trial) -> str:
@@ -104,9 +72,9 @@ def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str,
     except optuna.TrialPruned as pruned:
         state, reason = TrialState.PRUNED, str(pruned)
     except Interrupted as stop:
-        reason = f"interrupted by {stop}"
+        reason = f"interrupted by {describe(stop)}"
         studies.retry(study, study._storage.get_trial(trial._trial_id), reason)  # noqa: SLF001
-        tag_run(uri, trial, "INTERRUPTED", reason)
+        sweep_tracking.tag_run(uri, trial, "INTERRUPTED", reason)
         raise
     except torch.cuda.OutOfMemoryError as err:
         reason = f"out of memory: {str(err).splitlines()[0]}"
@@ -121,52 +89,43 @@ def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str,
     if reason:
         trial.set_user_attr("fail_reason", reason[:2000])
     study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-    tag_run(uri, trial, state.name, reason)
+    sweep_tracking.tag_run(uri, trial, state.name, reason)
     return state.name
 
 
-def reap(study: optuna.Study, uri: str, storage: str) -> int:
-    """Fail and re-queue trials whose worker is gone: RDB storage finds them by their stopped heartbeat,
-    journal storage (no heartbeat) by a dead process id on this host. Call with the budget lock held."""
-    if studies.is_rdb(storage):
-        before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        optuna.storages.fail_stale_trials(study)  # calls abandon() through the storage's callback
-        return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) - before
-    stale = studies.stale_trials(study)
-    for trial in stale:
-        abandon(study, trial, uri, "worker process died")
-    return len(stale)
-
-
-def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: float | None = None) -> int:
-    """Returns the number of trials this worker ran."""
-    # Not at the top: the sweep parent imports this module only to reap, and Lightning costs ~7 s of imports,
-    # paid here before a trial's clock starts.
+def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: float | None = None,
+         threads: int = 0, join: bool = False) -> int:
+    """Returns the number of trials this worker ran. The command installs the signal handlers that turn
+    SIGINT/SIGTERM into Interrupted."""
+    # Not at the top: Lightning costs ~7 s of imports, paid here before a trial's clock starts.
     from lab import objective
 
-    signal.signal(signal.SIGTERM, raise_interrupted)
-    signal.signal(signal.SIGINT, raise_interrupted)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     uri = tracking.tracking_uri()
-    study = studies.create_or_resume(sweep, storage, worker_id,
-                                     on_stale=lambda st, trial: abandon(st, trial, uri, "heartbeat lost"))
+    abandon = sweep_tracking.abandoner(uri, sweep.spec.max_retries)
+    study = studies.create_or_resume(sweep, storage, worker_id, on_stale=abandon, join=join)
     parent = sweep_tracking.parent_run(study, sweep, uri, storage)
-    lock = None if studies.is_rdb(storage) else out_dir / "budget.lock"
+    # Recorded in each trial's overrides (threads=N): a replay on this machine sums in the same order.
+    threads = threads or torch.get_num_threads()
     host, ran = socket.gethostname(), 0
     while True:
-        with budget_lock(lock):
-            reap(study, uri, storage)
+        with studies.budget_lock(storage, out_dir, sweep.spec.study):
+            studies.reap(study, storage, lambda t: abandon(study, t, "worker process died"))
             if deadline is not None and time.time() >= deadline:
                 log.info("timeout reached: no new trials")
                 break
-            if studies.used_budget(study) >= sweep.spec.n_trials:
+            streak = studies.failure_streak(sweep, study)
+            if streak:
+                log.warning("%d consecutive trials failed: no new trials", len(streak))
+                break
+            if studies.done(sweep, study, study.sampler) and not studies.queued_retries(study):
                 # Stay while others run: a trial whose worker died is retried once it is found stale.
                 if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                     break
                 trial = None
             else:
-                trial = study.ask(sweep.space)
-                for key, value in {"worker": worker_id, "host": host, "pid": os.getpid(),
+                trial = study.ask(sweep.space)  # a queued retry first: its budget was counted already
+                for key, value in {"worker": worker_id, "host": host, "pid": os.getpid(), "threads": threads,
                                    "device": os.environ.get("CUDA_VISIBLE_DEVICES", "cpu") or "cpu",
                                    "checkpoint_dir": str(out_dir / f"trial_{trial.number:04d}" / "checkpoints"),
                                    }.items():
