@@ -6,7 +6,7 @@ PORT ?= 5000
 # This machine's pip serves these from its disk; elsewhere any torch>=2.4 with its torchvision works.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-fast ui dashboard bench bench-gpu clean
+.PHONY: install demo test test-fast lint ui dashboard bench bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench
 
 ui: install
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}

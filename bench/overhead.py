@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import through_lab
-from lab import config, train
-from lab.module import Classifier
+from lab import config
+from lab.train import job
+from lab.train.module import Classifier
 
 
 class ManualClassifier(Classifier):
@@ -69,7 +70,7 @@ class StepTimer(pl.Callback):
 
 def plain_epochs(cfg, dm, steps: int, epochs: int = 4) -> list[float]:
     """The plain loop on lab's own uint8 tensors, normalized per batch as lab does."""
-    net = train.build(cfg)[1].net.train()
+    net = job.build(cfg)[1].net.train()
     x, y, batch = dm.splits["train"].x, dm.splits["train"].y, dm.batch_size
     mean, std = dm.mean.view(1, -1, 1, 1), dm.std.view(1, -1, 1, 1)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -87,14 +88,14 @@ def plain_epochs(cfg, dm, steps: int, epochs: int = 4) -> list[float]:
 
 
 def lab_epochs(cfg, dm, steps: int, variant: str, epochs: int = 4) -> list[float]:
-    model = train.build(cfg)[1]
+    model = job.build(cfg)[1]
     if "manual" in variant:
         model.__class__ = ManualClassifier
         model.automatic_optimization = False
     if "affine" in variant:
         dm.prepare_batch = types.MethodType(affine_prepare, dm)
     timer = StepTimer()
-    kwargs = {**train.trainer_kwargs(cfg), "max_epochs": epochs, "limit_train_batches": steps, "limit_val_batches": 0,
+    kwargs = {**job.trainer_kwargs(cfg), "max_epochs": epochs, "limit_train_batches": steps, "limit_val_batches": 0,
               "enable_progress_bar": False, "enable_model_summary": False, "logger": False,
               "enable_checkpointing": False}
     try:
@@ -106,7 +107,7 @@ def lab_epochs(cfg, dm, steps: int, variant: str, epochs: int = 4) -> list[float
 
 def per_step(name: str, overrides: list[str], steps: int, rounds: int) -> None:
     cfg = config.load(overrides)
-    dm, _ = train.build(cfg)
+    dm, _ = job.build(cfg)
     variants = ["plain", "lab as-is", "lab + affine", "lab + manual", "lab + affine + manual"]
     seen = {v: [] for v in variants}
     for r in range(rounds):  # paired rounds, order reversed every other round, so drift hits all variants alike
@@ -153,7 +154,7 @@ def cuda_syncs(steps: int = 50) -> None:
         print("\nno CUDA device: host-device sync count skipped")
         return
     cfg = config.load(["data=synthetic", "model=cnn", "data.size=28", "data.n_train=20000", "data.batch_size=512"])
-    dm, _ = train.build(cfg)
+    dm, _ = job.build(cfg)
     print(f"\nsynchronizing CUDA calls per training step ({steps} steps, epoch boundaries included):")
     for variant in ("lab as-is", "lab + affine + manual"):
         with warnings.catch_warnings(record=True) as caught:

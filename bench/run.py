@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 PARTS = ("cnn", "mlp", "resnet", "sweep")
 
 # Everything that scales with the machine. cpu: 2 cores, the whole run in ~8 minutes when the machine is
-# otherwise idle; cuda: DESIGN.md section 3's sizes (full Fashion-MNIST epochs, 224 px).
+# otherwise idle; cuda: the sizes of docs/design.md section 2 (full Fashion-MNIST epochs, 224 px).
 SIZES = {
     "cpu": dict(cnn=dict(epochs=5, images=2048, batches=(64, 512)), val_fraction=0.02,
                 mlp=dict(epochs=4, images={16: 64, 256: 512}, size=224),

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from lab import config, train
+from lab import config
 from lab.cli import quiet_libraries
+from lab.train import job
 from plain import clock, since
 
 
@@ -63,7 +64,7 @@ def run(overrides: list[str], tmp: Path, name: str, extra_callbacks: tuple = ())
     cfg = config.load([*overrides, f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", "mlflow.experiment=bench",
                        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"])
     timer = EpochTimer()
-    train.run(cfg, tmp / "lab_runs" / name, callbacks=(timer, *extra_callbacks), run_name=name)
+    job.run(cfg, tmp / "lab_runs" / name, callbacks=(timer, *extra_callbacks), run_name=name)
     for epoch in timer.epochs:
         epoch.pop("end")
     return timer.epochs

@@ -2,6 +2,7 @@
 import glob
 import gzip
 import importlib
+import json
 import os
 import shutil
 import signal
@@ -10,11 +11,17 @@ import struct
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image
+
+if TYPE_CHECKING:  # imported where used: seconds of import time that most tests do not need
+    import optuna
+    from mlflow.tracking import MlflowClient
 
 LAB = [sys.executable, "-m", "lab.cli"]
 PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
@@ -82,9 +89,12 @@ def image_folder(tmp_path):
 
 @pytest.fixture
 def small_data(tmp_path):
-    """Overrides that make a composed data config small and runnable offline, chosen by its _target_ class:
-    generated idx files for MNIST-format sets, a generated image folder for folders, fewer images for
-    synthetic. image_size=None keeps each dataset's own size."""
+    """small_data(target, image_size=None, batch_size=8): overrides that make a composed data config small and
+    runnable offline, chosen by its _target_ class's family (any subclass of these gets them): generated idx
+    files for MNIST-format sets (IdxDataModule), a generated image folder for folders (ImageFolder), fewer
+    images for Synthetic. Any other dataset class gives its own as a classmethod small_settings(scratch) ->
+    {argument: value}, files it writes going under SCRATCH; a class with neither is used as it is (Digits: small
+    and bundled). image_size=None keeps each dataset's own size."""
     from lab.data.folder import ImageFolder
     from lab.data.idx import IdxDataModule
     from lab.data.synthetic import Synthetic
@@ -102,6 +112,9 @@ def small_data(tmp_path):
         elif issubclass(cls, ImageFolder):
             root = make_image_folder(tmp_path / f"folder_{cls.__name__}")
             out += [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}"]
+        elif hasattr(cls, "small_settings"):
+            settings = cls.small_settings(tmp_path / f"small_{cls.__name__}")
+            out += [f"data.{key}={json.dumps(str(v) if isinstance(v, Path) else v)}" for key, v in settings.items()]
         return out
 
     return overrides
@@ -140,37 +153,88 @@ def cli_env(tmp_path):
     return env
 
 
-@pytest.fixture
-def workdir(tmp_path):
-    """A working directory with its own MLflow DB and its own copy of conf/ (exports land there)."""
+def _lab_env(tmp: Path) -> dict:
+    """The environment of a `lab` command run in TMP: its own MLflow DB and conf/, nothing inherited from Hydra,
+    MLflow or lab settings of the calling shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "MLFLOW_", "LAB_"))}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db", LAB_CONF_DIR=str(tmp / "conf"))
+    return env
+
+
+def _copy_conf(tmp: Path) -> None:
     from lab.config import conf_dir
 
-    shutil.copytree(conf_dir(), tmp_path / "conf")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "MLFLOW_", "LAB_"))}
-    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", LAB_CONF_DIR=str(tmp_path / "conf"))
-    return tmp_path, env
+    shutil.copytree(conf_dir(), tmp / "conf")
+
+
+def _run_lab(args, cwd, env, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([*LAB, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _load_journal(tmp, name):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name=name, storage=JournalStorage(
+        JournalFileBackend(str(Path(tmp) / "runs" / name / "study.journal"))))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# A sweep small enough for seconds per trial: 4 classes of 8x8 images, a 32-unit MLP, 2 epochs.
+TINY = ["data=synthetic", "model=mlp", "data.n_train=320", "data.n_test=64", "data.size=8",
+        "model.net.hidden=[32]", "trainer.max_epochs=2"]
+# Trials long enough (several epochs of ~1 s) to be caught in the middle, with a last.ckpt after every epoch.
+SLOW_TRIALS = ("data.n_train=6000", "data.size=24", "model.net.hidden=[256,256]", "trainer.max_epochs=4",
+               "checkpoint.last_every_s=0")
+SLOW_BODY = """
+metric: val/acc
+n_trials: {n}
+sampler: {{name: random, seed: 0}}
+params:
+  model.optimizer.lr: {{type: float, low: 1.0e-3, high: 1.0e-2, log: true}}
+"""
+
+
+def _write_sweep(path: Path, study: str, body: str, extra: tuple[str, ...] = ()) -> Path:
+    path.write_text(f"study: {study}\noverrides: {json.dumps([*TINY, *extra])}\n{body}")
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """(tmp, env): a working directory with its own MLflow DB and its own copy of conf/ (exports land there)."""
+    _copy_conf(tmp_path)
+    return tmp_path, _lab_env(tmp_path)
 
 
 @pytest.fixture
 def lab(workdir):
-    """lab(*args): runs the real `lab` command in the working directory; returns the CompletedProcess."""
-    tmp, env = workdir
+    """lab(*args): runs the real `lab` command in the working directory; returns the CompletedProcess.
+    env= replaces the working directory's environment, env_extra= adds to it (to env= when both are given)."""
+    tmp, base = workdir
 
-    def run(*args, timeout=600, cwd=None, env_extra=None):
-        return subprocess.run([*LAB, *map(str, args)], cwd=cwd or tmp, env={**env, **(env_extra or {})},
-                              capture_output=True, text=True, timeout=timeout)
+    def run(*args, timeout=600, cwd=None, env=None, env_extra=None):
+        return _run_lab(args, cwd or tmp, {**(base if env is None else env), **(env_extra or {})}, timeout)
 
     return run
 
 
 @pytest.fixture
 def start_lab(workdir):
-    """start_lab(*args): the real `lab` command in the background, stdout and stderr merged."""
+    """start_lab(*args): the real `lab` command in the background, stdout and stderr merged; killed at teardown
+    if still running. env= and env_extra= as for `lab`."""
     tmp, base = workdir
     procs = []
 
-    def start(*args, cwd=None, env=None):
-        proc = subprocess.Popen([*LAB, *map(str, args)], cwd=cwd or tmp, env={**base, **(env or {})},
+    def start(*args, cwd=None, env=None, env_extra=None):
+        proc = subprocess.Popen([*LAB, *map(str, args)], cwd=cwd or tmp,
+                                env={**(base if env is None else env), **(env_extra or {})},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs.append(proc)
         return proc
@@ -183,23 +247,94 @@ def start_lab(workdir):
 
 
 @pytest.fixture
-def journal_study(workdir):
-    """journal_study(tmp, name): the study a `lab sweep` wrote to runs/<name>/study.journal, read by Optuna."""
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    def load(tmp, name):
-        return optuna.load_study(study_name=name, storage=JournalStorage(
-            JournalFileBackend(str(Path(tmp) / "runs" / name / "study.journal"))))
-
-    return load
+def journal():
+    """journal(tmp, name): the study a `lab sweep` wrote to TMP/runs/<name>/study.journal, read by Optuna."""
+    return _load_journal
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def sweep_file():
+    """sweep_file(path, study, body, extra=()): writes a sweep file of TINY trials (plus the EXTRA overrides)
+    whose metric, n_trials, sampler, params... are BODY; returns PATH."""
+    return _write_sweep
+
+
+@pytest.fixture
+def slow_sweep_file():
+    """slow_sweep_file(path, study, n): a random-search sweep of N trials of several ~1 s epochs each, long enough
+    to kill or interrupt a worker in the middle of one (after its first last.ckpt)."""
+    return lambda path, study, n: _write_sweep(path, study, SLOW_BODY.format(n=n), extra=SLOW_TRIALS)
+
+
+@pytest.fixture
+def children():
+    """children(client, parent_id): the MLflow runs nested under a sweep's parent run."""
+    def find(client, parent_id):
+        exp = client.get_run(parent_id).info.experiment_id
+        return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)
+
+    return find
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """free_port(): a TCP port on 127.0.0.1 that nothing listens on now."""
+    return _free_port
+
+
+@dataclass
+class Swept:
+    tmp: Path
+    env: dict
+    sweep_file: Path
+    name: str
+    study: "optuna.Study"
+    client: "MlflowClient"
+    parent_id: str
+    experiment_id: str
+
+
+@dataclass
+class Reported:
+    path: Path
+    stdout: str
+    plots: set[str]  # the alt text of every plot the page must hold
+
+
+@pytest.fixture(scope="session")
+def swept(tmp_path_factory) -> Swept:
+    """One real 4-trial `lab sweep` (random search over lr and dropout of TINY trials), run once per session
+    and shared by tests/test_confirm_report.py and tests/test_browser.py."""
+    from mlflow.tracking import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("swept")
+    _copy_conf(tmp)
+    env = {**_lab_env(tmp), "LAB_TORCH_THREADS": "1"}
+    name = "confirm_report"
+    path = _write_sweep(tmp / "sweep.yaml", name, """metric: val/acc
+direction: maximize
+n_trials: 4
+sampler: {name: random, seed: 3}
+params:
+  model.optimizer.lr: {type: float, low: 1.0e-3, high: 3.0e-2, log: true}
+  model.net.dropout: {type: float, low: 0.0, high: 0.4}
+""")
+    done = _run_lab(["sweep", path, "--workers", "1", "--no-live"], tmp, env, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    study = _load_journal(tmp, name)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    return Swept(tmp, env, path, name, study, client, parent_id, client.get_run(parent_id).info.experiment_id)
+
+
+@pytest.fixture(scope="session")
+def reported(swept) -> Reported:
+    """`lab report` of the `swept` sweep: the page it wrote and what it printed."""
+    done = _run_lab(["report", swept.sweep_file], swept.tmp, swept.env, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return Reported(swept.tmp / "runs" / swept.name / "report.html", done.stdout,
+                    {"optimization_history", "param_importances", "parallel_coordinate", "learning curves",
+                     "confusion matrix", "per-class F1"})
 
 
 @pytest.fixture
@@ -213,7 +348,7 @@ def postgres():
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
         shutil.chown(data, "postgres", "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
+    port = _free_port()
     run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
     run(f"{bin_dir}/initdb", "-D", f"{data}/db", "-A", "trust", "-U", "postgres")
     run(f"{bin_dir}/pg_ctl", "-D", f"{data}/db", "-w", "-l", f"{data}/log",

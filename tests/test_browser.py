@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,7 +10,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_confirm_report import PLOT_ALTS, PNG, STUDY, tiny_report, tiny_sweep
+
+pytestmark = pytest.mark.slow  # a real mlflow server and a real browser
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Nothing outside 127.0.0.1 is reachable in CI: no GPU, no QUIC, no update or sync traffic to wait on.
@@ -32,12 +32,6 @@ def browser():
         chromium.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get(url: str, body: dict | None = None) -> bytes:
     request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
                                      headers={"Content-Type": "application/json"})
@@ -46,8 +40,7 @@ def get(url: str, body: dict | None = None) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(browser, tmp_path_factory):
-    swept = tiny_sweep(tmp_path_factory)
+def server(browser, swept, free_port):
     port = free_port()
     log = open(swept.tmp / "mlflow_server.log", "w")
     # Default artifact settings: the runs' artifact URIs are local paths the server reads as they are.
@@ -78,48 +71,46 @@ def server(browser, tmp_path_factory):
         log.close()
 
 
-@pytest.mark.slow
 def test_mlflow_ui_shows_the_sweep_and_serves_its_artifacts(server, browser, tmp_path):
     swept, base = server
+    study = swept.name
     found = json.loads(get(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [swept.experiment_id],
                                                                     "max_results": 1000}))
     runs = {r["info"]["run_name"]: r["info"]["run_id"] for r in found["runs"]}
-    assert {f"sweep-{STUDY}", "trial-0", "trial-1", "trial-2", "trial-3"} <= set(runs)
+    assert {f"sweep-{study}", "trial-0", "trial-1", "trial-2", "trial-3"} <= set(runs)
     child = runs["trial-0"]
     listed = json.loads(get(f"{base}/api/2.0/mlflow/artifacts/list?run_id={child}"))
     assert "confusion_matrix.png" in {f["path"] for f in listed["files"]}
-    assert get(f"{base}/get-artifact?path=confusion_matrix.png&run_uuid={child}").startswith(PNG)
+    assert get(f"{base}/get-artifact?path=confusion_matrix.png&run_uuid={child}").startswith(b"\x89PNG\r\n\x1a\n")
 
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     page.set_default_timeout(UI_TIMEOUT_MS)
     # The experiment's bare URL opens MLflow 3's GenAI overview; the training runs table is /runs.
     page.goto(f"{base}/#/experiments/{swept.experiment_id}/runs")
-    parent_cell = page.locator("[role=gridcell]", has_text=f"sweep-{STUDY}")
+    parent_cell = page.locator("[role=gridcell]", has_text=f"sweep-{study}")
     parent_cell.wait_for()
     parent_cell.get_by_role("button").first.click()  # child runs are folded under their parent
     page.get_by_role("link", name="trial-0", exact=True).wait_for()
     page.screenshot(path=tmp_path / "experiment.png")
 
     page.goto(f"{base}/#/experiments/{swept.experiment_id}/runs/{swept.parent_id}")
-    page.get_by_text(f"sweep-{STUDY}").first.wait_for()
+    page.get_by_text(f"sweep-{study}").first.wait_for()
     page.get_by_text("best_trial").first.wait_for()  # its tags rendered, not only the title
     page.screenshot(path=tmp_path / "parent_run.png")
 
     page.goto(f"{base}/#/experiments/{swept.experiment_id}/runs/{child}")
     page.get_by_text("trial-0").first.wait_for()
-    page.get_by_role("link", name=f"sweep-{STUDY}").wait_for()  # the parent run link
+    page.get_by_role("link", name=f"sweep-{study}").wait_for()  # the parent run link
     page.screenshot(path=tmp_path / "child_run.png")
     page.close()
 
 
-@pytest.mark.slow
-def test_report_images_render_in_the_browser(browser, tmp_path_factory, tmp_path):
-    path, _ = tiny_report(tmp_path_factory)
+def test_report_images_render_in_the_browser(browser, reported, tmp_path):
     page = browser.new_page(viewport={"width": 1200, "height": 900})
-    page.goto(path.as_uri())
+    page.goto(reported.path.as_uri())
     page.wait_for_load_state("load")
     images = page.evaluate("[...document.images].map(i => ({alt: i.alt, width: i.naturalWidth, done: i.complete}))")
-    assert {i["alt"] for i in images} == PLOT_ALTS
+    assert {i["alt"] for i in images} == reported.plots
     assert all(i["done"] and i["width"] > 0 for i in images), images
     page.screenshot(path=tmp_path / "report.png", full_page=True)
     page.close()

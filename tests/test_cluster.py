@@ -1,7 +1,5 @@
 """Across hosts: one study on a real PostgreSQL server shared by separate `lab worker` processes, and
-sweeps logging to a real `mlflow server` over HTTP under load. Marked slow."""
-import os
-import shutil
+sweeps logging to a real `mlflow server` over HTTP under load. Those are slow; the server's own checks are not."""
 import signal
 import subprocess
 import time
@@ -11,26 +9,23 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import free_port
 from lab import server
-from test_faults import SLOW, BODY
-from test_sweep_e2e import LAB, children, journal, sweep_file, workdir  # noqa: F401 - fixture
 
-pytestmark = pytest.mark.slow
-def test_workers_on_separate_hosts_share_one_postgres_study(workdir, postgres):
+
+@pytest.mark.slow
+def test_workers_on_separate_hosts_share_one_postgres_study(workdir, lab, start_lab, slow_sweep_file, children,
+                                                            postgres):
     tmp, env = workdir
     env = {**env, "LAB_HEARTBEAT_S": "1", "LAB_GRACE_S": "6"}
-    path = sweep_file(tmp / "pg.yaml", "on_postgres", BODY.format(n=4), extra=SLOW)
-    prepared = subprocess.run([*LAB, "sweep", str(path), "--storage", postgres, "--prepare"], cwd=tmp, env=env,
-                              capture_output=True, text=True, timeout=300)
+    path = slow_sweep_file(tmp / "pg.yaml", "on_postgres", 4)
+    prepared = lab("sweep", path, "--storage", postgres, "--prepare", env=env, timeout=300)
     assert prepared.returncode == 0, prepared.stderr
     # Three "hosts": separate processes with their own working directories, one storage URL.
     workers = []
     for host in range(3):
         cwd = tmp / f"host{host}"
         cwd.mkdir()
-        workers.append(subprocess.Popen([*LAB, "worker", str(path), "--storage", postgres, "--worker-id", f"host{host}"],
-                                        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        workers.append(start_lab("worker", path, "--storage", postgres, "--worker-id", f"host{host}", cwd=cwd, env=env))
     study = optuna.load_study(study_name="on_postgres", storage=postgres)
     victim, end = None, time.time() + 300
     while victim is None and time.time() < end:
@@ -79,7 +74,7 @@ METRICS = {"train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "te
            "test/precision_macro", "test/recall_macro", "test/f1_macro"}
 
 
-def check_load(tmp, env, study_name):
+def check_load(tmp, env, study_name, journal, children):
     trials = journal(tmp, study_name).get_trials()
     assert len(trials) == 64 and all(t.state == TrialState.COMPLETE for t in trials)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -92,22 +87,23 @@ def check_load(tmp, env, study_name):
     assert "database is locked" not in logs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("through", ["sqlite", "mlflow_server"])
-def test_eight_workers_sixty_four_trials(workdir, through):
+def test_eight_workers_sixty_four_trials(workdir, lab, sweep_file, journal, children, free_port, through):
     tmp, env = workdir
     path = sweep_file(tmp / "load.yaml", f"load_{through}", LOAD, extra=TINY)
-    cmd = [*LAB, "sweep", str(path), "--workers", "8", "--no-live"]
+    args = ["sweep", path, "--workers", "8", "--no-live"]
     if through == "sqlite":
-        done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1200)
+        done = lab(*args, timeout=1200)
         assert done.returncode == 0, done.stdout + done.stderr
-        check_load(tmp, env, f"load_{through}")
+        check_load(tmp, env, f"load_{through}", journal, children)
         return
     port = free_port()
     with server.running(f"sqlite:///{tmp}/server.db", tmp / "artifacts", port=port, log_path=tmp / "server.log") as url:
         env = {**env, "MLFLOW_TRACKING_URI": url}
-        done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1200)
+        done = lab(*args, env=env, timeout=1200)
         assert done.returncode == 0, done.stdout + done.stderr
-        check_load(tmp, env, f"load_{through}")
+        check_load(tmp, env, f"load_{through}", journal, children)
         run = MlflowClient(url).search_runs(
             [MlflowClient(url).get_experiment_by_name(f"load_{through}").experiment_id], max_results=1)[0]
         assert "confusion_matrix.png" in {a.path for a in MlflowClient(url).list_artifacts(run.info.run_id)}

@@ -1,123 +1,29 @@
-"""`lab confirm` and `lab report` on a real tiny sweep, read back through Optuna's and MLflow's clients."""
+"""`lab confirm` and `lab report` on a real tiny sweep (conftest's session-wide `swept`, shared with
+test_browser.py), read back through Optuna's and MLflow's clients; the helpers they use, on their own."""
 import base64
 import csv
-import functools
-import json
 import math
-import os
 import re
-import shutil
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from lab import confirm, report
-from lab.config import conf_dir
+from lab.analysis import confirm, report
 
-STUDY = "confirm_report"
-TINY = ["data=synthetic", "model=mlp", "data.n_train=320", "data.n_test=64", "data.size=8",
-        "model.net.hidden=[32]", "trainer.max_epochs=2"]
-SWEEP = f"""study: {STUDY}
-overrides: {json.dumps(TINY)}
-metric: val/acc
-direction: maximize
-n_trials: 4
-sampler: {{name: random, seed: 3}}
-params:
-  model.optimizer.lr: {{type: float, low: 1.0e-3, high: 3.0e-2, log: true}}
-  model.net.dropout: {{type: float, low: 0.0, high: 0.4}}
-"""
-# Until lab.cli wires them in: a parser that holds only these two subcommands, built by their add_parser.
-RUN = ("import argparse; from lab import confirm, report; from lab.cli import quiet_libraries; quiet_libraries(); "
-       "p = argparse.ArgumentParser(prog='lab'); sub = p.add_subparsers(dest='command', required=True); "
-       "confirm.add_parser(sub); report.add_parser(sub); a = p.parse_args(); "
-       "{'confirm': confirm, 'report': report}[a.command].command(a)")
 PNG = b"\x89PNG\r\n\x1a\n"
-PLOT_ALTS = {"optimization_history", "param_importances", "parallel_coordinate", "learning curves",
-             "confusion matrix", "per-class F1"}
-
-
-@dataclass
-class Swept:
-    tmp: Path
-    env: dict
-    sweep_file: Path
-    study: optuna.Study
-    client: MlflowClient
-    parent_id: str
-    experiment_id: str
-
-
-def run(args, cwd, env, code=None, timeout=900):
-    """`python -m lab.cli ARGS`, or `python -c CODE ARGS`."""
-    cmd = [sys.executable, *(["-c", code] if code else ["-m", "lab.cli"]), *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def once(make):
-    """Computed once per test session (one pytest process), whoever asks first: this file or test_browser.py."""
-    cache = {}
-
-    @functools.wraps(make)
-    def get(factory: pytest.TempPathFactory):
-        if not cache:
-            cache["value"] = make(factory)
-        return cache["value"]
-    return get
-
-
-@once
-def tiny_sweep(factory: pytest.TempPathFactory) -> Swept:
-    """One 4-trial sweep, shared with tests/test_browser.py."""
-    tmp = factory.mktemp("confirm_report")
-    shutil.copytree(conf_dir(), tmp / "conf")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "LAB_CONF_DIR": str(tmp / "conf"),
-           "LAB_TORCH_THREADS": "1"}
-    path = tmp / "sweep.yaml"
-    path.write_text(SWEEP)
-    done = run(["sweep", path, "--workers", "1", "--no-live"], tmp, env)
-    assert done.returncode == 0, done.stdout + done.stderr
-    study = optuna.load_study(study_name=STUDY, storage=JournalStorage(
-        JournalFileBackend(str(tmp / "runs" / STUDY / "study.journal"))))
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    parent_id = study.user_attrs["mlflow_parent_run_id"]
-    return Swept(tmp, env, path, study, client, parent_id, client.get_run(parent_id).info.experiment_id)
-
-
-@once
-def tiny_report(factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    swept = tiny_sweep(factory)
-    done = run(["report", swept.sweep_file], swept.tmp, swept.env, RUN)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return swept.tmp / "runs" / STUDY / "report.html", done.stdout
-
-
-@pytest.fixture(scope="session")
-def swept(tmp_path_factory):
-    return tiny_sweep(tmp_path_factory)
-
-
-def children(client, parent_id, experiment_id):
-    return client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)
 
 
 @pytest.mark.slow
-def test_confirm_reruns_the_top_trials_with_seeds_and_reports_mean_std(swept):
-    done = run(["confirm", swept.sweep_file, "--top", "2", "--seeds", "3"], swept.tmp, swept.env, RUN)
+def test_confirm_reruns_the_top_trials_with_seeds_and_reports_mean_std(swept, lab, children):
+    done = lab("confirm", swept.sweep_file, "--top", "2", "--seeds", "3", cwd=swept.tmp, env=swept.env, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr[-5000:]
 
     complete = swept.study.get_trials(states=(TrialState.COMPLETE,))
     top = sorted(complete, key=lambda t: (-t.value, t.number))[:2]
-    runs = [r for r in children(swept.client, swept.parent_id, swept.experiment_id) if "confirm.trial" in r.data.tags]
+    runs = [r for r in children(swept.client, swept.parent_id) if "confirm.trial" in r.data.tags]
     assert len(runs) == 6
     by_key = {(int(r.data.tags["confirm.trial"]), int(r.data.tags["confirm.seed"])): r for r in runs}
     assert set(by_key) == {(t.number, s) for t in top for s in range(3)}
@@ -156,12 +62,12 @@ def test_confirm_reruns_the_top_trials_with_seeds_and_reports_mean_std(swept):
 
 
 @pytest.mark.slow
-def test_report_is_one_self_contained_page_logged_on_the_parent(swept, tmp_path_factory):
-    path, stdout = tiny_report(tmp_path_factory)
+def test_report_is_one_self_contained_page_logged_on_the_parent(swept, reported):
+    path = reported.path
     page = path.read_text()
     images = dict((alt, data) for data, alt in re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)">',
                                                            page))
-    assert set(images) == PLOT_ALTS, page[:2000]
+    assert set(images) == reported.plots, page[:2000]
     assert all(base64.b64decode(data).startswith(PNG) for data in images.values())
     assert "<script" not in page and "<link" not in page and "http://" not in page and "https://" not in page
     best = swept.study.best_trial

@@ -12,6 +12,7 @@ from lab.data.idx import FashionMNIST
 SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 
 
+@pytest.mark.slow  # the real Fashion-MNIST test set, through both pipelines
 @pytest.mark.skipif(not SYSTEM.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_device_resident_batches_equal_the_dataloader_pipeline(tmp_path):
     dm = FashionMNIST(root=str(tmp_path / "none"), download=False, batch_size=500)

@@ -1,7 +1,6 @@
 """Faults injected for real: SIGKILL of a worker, Ctrl-C of the sweep, a torn journal, a changed sweep."""
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -10,28 +9,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from lab import spec, study as studies
 from lab.errors import LabError
-from test_sweep_e2e import LAB, journal, sweep_file, workdir  # noqa: F401 - fixture
-
-# Trials long enough (several epochs of ~1 s) to be caught in the middle.
-SLOW = ("data.n_train=6000", "data.size=24", "model.net.hidden=[256,256]", "trainer.max_epochs=4",
-        "checkpoint.last_every_s=0")
-BODY = """
-metric: val/acc
-n_trials: {n}
-sampler: {{name: random, seed: 0}}
-params:
-  model.optimizer.lr: {{type: float, low: 1.0e-3, high: 1.0e-2, log: true}}
-"""
+from lab.sweep import spec
+from lab.sweep import study as studies
 
 
-def start_sweep(tmp, env, path, workers):
-    return subprocess.Popen([*LAB, "sweep", str(path), "--workers", str(workers), "--no-live"], cwd=tmp, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for_running_trial(tmp, study_name, proc, timeout=300):
+def wait_for_running_trial(journal, tmp, study_name, proc, timeout=300):
     """A RUNNING trial that finished at least one epoch, so it has a last.ckpt to resume from."""
     end = time.time() + timeout
     while time.time() < end:
@@ -48,11 +31,13 @@ def wait_for_running_trial(tmp, study_name, proc, timeout=300):
     raise AssertionError("no trial reached its second epoch in time")
 
 
-def test_sigkilled_worker_trial_is_failed_and_retried_from_its_checkpoint(workdir):
+@pytest.mark.slow
+def test_sigkilled_worker_trial_is_failed_and_retried_from_its_checkpoint(workdir, start_lab, slow_sweep_file,
+                                                                          journal):
     tmp, env = workdir
-    path = sweep_file(tmp / "k.yaml", "killed", BODY.format(n=3), extra=SLOW)
-    proc = start_sweep(tmp, env, path, workers=2)
-    victim = wait_for_running_trial(tmp, "killed", proc)
+    path = slow_sweep_file(tmp / "k.yaml", "killed", 3)
+    proc = start_lab("sweep", path, "--workers", "2", "--no-live")
+    victim = wait_for_running_trial(journal, tmp, "killed", proc)
     os.kill(int(victim.user_attrs["pid"]), signal.SIGKILL)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out
@@ -75,11 +60,12 @@ def test_sigkilled_worker_trial_is_failed_and_retried_from_its_checkpoint(workdi
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
-def test_ctrl_c_stops_marks_and_the_same_command_resumes(workdir):
+@pytest.mark.slow
+def test_ctrl_c_stops_marks_and_the_same_command_resumes(workdir, lab, start_lab, slow_sweep_file, journal):
     tmp, env = workdir
-    path = sweep_file(tmp / "i.yaml", "interrupted", BODY.format(n=3), extra=SLOW)
-    proc = start_sweep(tmp, env, path, workers=1)
-    caught = wait_for_running_trial(tmp, "interrupted", proc)
+    path = slow_sweep_file(tmp / "i.yaml", "interrupted", 3)
+    proc = start_lab("sweep", path, "--workers", "1", "--no-live")
+    caught = wait_for_running_trial(journal, tmp, "interrupted", proc)
     started = time.time()
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
@@ -95,8 +81,7 @@ def test_ctrl_c_stops_marks_and_the_same_command_resumes(workdir):
     parent = study.user_attrs["mlflow_parent_run_id"]
     assert client.get_run(parent).info.status == "KILLED"
 
-    again = subprocess.run([*LAB, "sweep", str(path), "--workers", "1", "--no-live"], cwd=tmp, env=env,
-                           capture_output=True, text=True, timeout=900)
+    again = lab("sweep", path, "--workers", "1", "--no-live", timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
     trials = journal(tmp, "interrupted").get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lab import fetch
+from lab.data import fetch
 from lab.data.folder import ImageFolder
 from lab.data.idx import MNIST, FashionMNIST
 from lab.errors import LabError
@@ -318,6 +318,7 @@ def lab_fetch(*argv: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
+@pytest.mark.slow  # the real `lab data fetch` in a child process
 @pytest.mark.parametrize("body", ["random", "other_archive"])
 def test_mirror_is_checked_against_the_pinned_sha256(server, tmp_path, body):
     # Random bytes, or a well-formed archive that is not the pinned file: refused either way by default.
@@ -355,6 +356,7 @@ def one_class_of_random_bytes() -> bytes:
     return tgz({f"flower_photos/daisy/{i}.jpg": rng.bytes(3000) for i in range(3)})
 
 
+@pytest.mark.slow  # the real `lab data fetch` in a child process
 def test_wrong_layout_is_refused_and_nothing_is_left(server, tmp_path):
     data = one_class_of_random_bytes()
     server.files["/flower_photos.tgz"] = data
@@ -414,6 +416,7 @@ def test_archive_put_in_root_by_hand_with_wrong_layout_is_kept(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["flower_photos.tgz"]  # the user's file, nothing else
 
 
+@pytest.mark.slow  # the real `lab data fetch` in a child process
 def test_mnist_mirror_is_checked_against_the_pinned_md5(server, tmp_path, idx_dataset):
     mirror = idx_dataset(tmp_path / "mirror")  # well-formed idx files, but not the pinned ones
     for f in mirror.iterdir():

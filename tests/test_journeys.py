@@ -32,12 +32,12 @@ def parent_runs(client, experiment):
     return client.search_runs([exp.experiment_id], "tags.`lab.sweep` = 'true'") if exp else []
 
 
-def test_override_best_replay_is_exact_and_a_changed_resume_is_refused(lab, workdir, journal_study):
+def test_override_best_replay_is_exact_and_a_changed_resume_is_refused(lab, workdir, journal):
     tmp, env = workdir
     path = write_sweep(tmp, "ovr", extra="n_trials: 2\nsampler: {name: random, seed: 1}\n")
     first = lab("sweep", path, "--workers", "2", "--no-live", "trainer.max_epochs=2")
     assert first.returncode == 0, first.stdout + first.stderr
-    study = journal_study(tmp, "ovr")
+    study = journal(tmp, "ovr")
     assert study.user_attrs["lab.base_overrides"].count("trainer.max_epochs=2") == 1
     assert "trainer.max_epochs=1" not in study.user_attrs["lab.base_overrides"]  # replaced, not duplicated
 
@@ -62,16 +62,16 @@ def test_override_best_replay_is_exact_and_a_changed_resume_is_refused(lab, work
     no_traceback(changed)
     assert "trainer.max_epochs=2" in changed.stderr and "trainer.max_epochs=1" in changed.stderr
     assert "--study" in changed.stderr
-    assert len(journal_study(tmp, "ovr").get_trials()) == 2  # nothing ran, nothing was mixed in
+    assert len(journal(tmp, "ovr").get_trials()) == 2  # nothing ran, nothing was mixed in
 
     other = lab("sweep", path, "--workers", "1", "--no-live", "--study", "ovr_e1", "--n-trials", "1")
     assert other.returncode == 0, other.stdout + other.stderr
-    assert len(journal_study(tmp, "ovr_e1").get_trials()) == 1 and len(journal_study(tmp, "ovr").get_trials()) == 2
+    assert len(journal(tmp, "ovr_e1").get_trials()) == 1 and len(journal(tmp, "ovr").get_trials()) == 2
     assert lab("best", path, "--study", "ovr_e1", "--export", tmp / "e1.yaml").returncode == 0
     assert len(parent_runs(client, "ovr")) == 1  # the refused launch made no parent run
 
 
-def test_failing_sweep_stops_with_the_reason_and_reruns_after_the_fix(lab, workdir, image_folder, journal_study):
+def test_failing_sweep_stops_with_the_reason_and_reruns_after_the_fix(lab, workdir, image_folder, journal):
     tmp, env = workdir
     root = tmp / "flowers"
     grid = ("  data.batch_size: {type: categorical, choices: [4, 8]}\n"
@@ -85,7 +85,7 @@ def test_failing_sweep_stops_with_the_reason_and_reruns_after_the_fix(lab, workd
     no_traceback(failed)
     assert "n_trials=20 is more than the grid's 4 combinations" in failed.stdout
     assert f"data.root={root} does not exist" in failed.stdout  # said when the first trial failed
-    study = journal_study(tmp, "flowers")
+    study = journal(tmp, "flowers")
     assert {t.state for t in study.get_trials()} == {TrialState.FAIL}
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FAILED"
@@ -93,7 +93,7 @@ def test_failing_sweep_stops_with_the_reason_and_reruns_after_the_fix(lab, workd
     image_folder(root, per_class=12, side=8)
     fixed = lab("sweep", path, "--workers", "2", "--no-live")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
-    study = journal_study(tmp, "flowers")
+    study = journal(tmp, "flowers")
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert sorted(tuple(sorted(t.params.items())) for t in complete) == sorted(
         (("data.batch_size", b), ("model.optimizer.lr", lr)) for b in (4, 8) for lr in (0.001, 0.01))
@@ -103,7 +103,7 @@ def test_failing_sweep_stops_with_the_reason_and_reruns_after_the_fix(lab, workd
     assert "Traceback" not in logs  # no worker crashed at the end of the grid
 
 
-def test_consecutive_failures_stop_a_sweep_early_and_keep_its_budget(lab, workdir, journal_study):
+def test_consecutive_failures_stop_a_sweep_early_and_keep_its_budget(lab, workdir, journal):
     tmp, _ = workdir
     path = write_sweep(tmp, "broken", overrides=[*TINY, "data.batch_size=100000"],
                        extra="n_trials: 30\nsampler: {name: random, seed: 0}\n")
@@ -112,19 +112,19 @@ def test_consecutive_failures_stop_a_sweep_early_and_keep_its_budget(lab, workdi
     no_traceback(done)
     assert "2 trials in a row failed (max_failures=2)" in done.stderr
     assert "data.batch_size=100000" in done.stderr  # the distinct reason, once
-    trials = journal_study(tmp, "broken").get_trials()
+    trials = journal(tmp, "broken").get_trials()
     assert len(trials) == 2 and all(t.state == TrialState.FAIL for t in trials)
     assert "0/30 trials used" in done.stderr
 
 
-def test_a_trial_that_kills_its_worker_is_retried_then_failed_and_the_slot_lives_on(lab, workdir, journal_study):
+def test_a_trial_that_kills_its_worker_is_retried_then_failed_and_the_slot_lives_on(lab, workdir, journal):
     tmp, _ = workdir
     # os.abort as a "callback" takes the worker process down with SIGABRT when the trial builds its callbacks.
     params = "  +callbacks.crash._target_: {type: categorical, choices: [os.abort, pytorch_lightning.Callback]}\n"
     path = write_sweep(tmp, "crash", params, extra="n_trials: 2\nsampler: {name: grid}\nmax_retries: 3\n")
     done = lab("sweep", path, "--workers", "1", "--no-live", timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
-    trials = journal_study(tmp, "crash").get_trials()
+    trials = journal(tmp, "crash").get_trials()
     crashed = [t for t in trials if t.params["+callbacks.crash._target_"] == "os.abort"]
     assert len(crashed) == 4 and all(t.state == TrialState.FAIL for t in crashed)  # the first run + 3 retries
     assert "killed by SIGABRT" in crashed[-1].user_attrs["fail_reason"]
@@ -149,7 +149,7 @@ def test_options_are_checked_before_anything_is_created(lab, workdir):
     assert not (tmp / "runs").exists() and not (tmp / "mlflow.db").exists()
 
 
-def test_ctrl_c_names_itself_and_counts_add_up_after_the_resume(workdir, lab, start_lab, journal_study):
+def test_ctrl_c_names_itself_and_counts_add_up_after_the_resume(workdir, lab, start_lab, journal):
     tmp, env = workdir
     slow = [*TINY[:2], "data.n_train=6000", "data.size=24", "model.net.hidden=[256,256]", "trainer.max_epochs=3",
             "checkpoint.last_every_s=0"]
@@ -159,7 +159,7 @@ def test_ctrl_c_names_itself_and_counts_add_up_after_the_resume(workdir, lab, st
     while time.time() < end:
         assert proc.poll() is None, proc.stdout.read()
         try:
-            running = journal_study(tmp, "ctrlc").get_trials(states=(TrialState.RUNNING,))
+            running = journal(tmp, "ctrlc").get_trials(states=(TrialState.RUNNING,))
         except (KeyError, FileNotFoundError):
             running = []
         if running and running[0].intermediate_values:
@@ -168,7 +168,7 @@ def test_ctrl_c_names_itself_and_counts_add_up_after_the_resume(workdir, lab, st
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
-    (cut,) = journal_study(tmp, "ctrlc").get_trials(states=(TrialState.FAIL,))
+    (cut,) = journal(tmp, "ctrlc").get_trials(states=(TrialState.FAIL,))
     assert cut.user_attrs["fail_reason"] == "interrupted by Ctrl-C (SIGINT)"
 
     again = lab("sweep", path, "--workers", "1", "--no-live", timeout=900)
@@ -186,7 +186,7 @@ def test_budget_is_exact_when_workers_race_on_postgres(workdir, lab, start_lab, 
     for host in range(4):  # four "hosts" asking for the last trials at the same moment
         (tmp / f"h{host}").mkdir()
         workers.append(start_lab("worker", path, "--storage", postgres, cwd=tmp / f"h{host}",
-                                 env={"LAB_TORCH_THREADS": "1"}))
+                                 env_extra={"LAB_TORCH_THREADS": "1"}))
     for proc in workers:
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lab.module import Classifier
-from lab.nets import MLP
+from lab.train.module import Classifier
+from lab.train.nets import MLP
 
 
 def test_epoch_losses_weight_every_sample_equally():

@@ -4,7 +4,7 @@ import torch
 import torchvision
 
 from lab.errors import LabError
-from lab.nets import CNN, MLP, Linear, ResNet
+from lab.train.nets import CNN, MLP, Linear, ResNet
 
 
 @pytest.mark.parametrize("side", [7, 8, 28])

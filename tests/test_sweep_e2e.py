@@ -1,55 +1,12 @@
 """The real `lab sweep`, `lab best` and `lab train` commands, read back through Optuna's and MLflow's clients."""
-import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
-import optuna
 import pytest
 from mlflow.tracking import MlflowClient
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from lab.config import conf_dir
-
-LAB = [sys.executable, "-m", "lab.cli"]
-TINY = ["data=synthetic", "model=mlp", "data.n_train=320", "data.n_test=64", "data.size=8",
-        "model.net.hidden=[32]", "trainer.max_epochs=2"]
+pytestmark = pytest.mark.slow  # every test runs the real `lab` command
 
 
-def lab(*args, cwd, env, timeout=600):
-    return subprocess.run([*LAB, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-@pytest.fixture
-def workdir(tmp_path):
-    """A working directory with its own MLflow DB and its own copy of conf/ (exports land there)."""
-    shutil.copytree(conf_dir(), tmp_path / "conf")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
-           "LAB_CONF_DIR": str(tmp_path / "conf")}
-    return tmp_path, env
-
-
-def sweep_file(path: Path, study: str, body: str, extra: tuple[str, ...] = ()) -> Path:
-    path.write_text(f"study: {study}\noverrides: {json.dumps([*TINY, *extra])}\n{body}")
-    return path
-
-
-def journal(tmp_path, study):
-    return optuna.load_study(study_name=study, storage=JournalStorage(
-        JournalFileBackend(str(tmp_path / "runs" / study / "study.journal"))))
-
-
-def children(client, parent_id):
-    exp = client.get_run(parent_id).info.experiment_id
-    return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)
-
-
-def test_two_workers_six_trials_nested_in_mlflow_and_best_replays(workdir):
+def test_two_workers_six_trials_nested_in_mlflow_and_best_replays(workdir, lab, sweep_file, journal, children):
     tmp, env = workdir
     path = sweep_file(tmp / "s.yaml", "two_by_six", """
 metric: val/acc
@@ -61,7 +18,7 @@ params:
   data.batch_size: {type: categorical, choices: [16, 32]}
   model.net.dropout: {type: float, low: 0.0, high: 0.4}
 """)
-    done = lab("sweep", path, "--workers", "2", "--no-live", cwd=tmp, env=env)
+    done = lab("sweep", path, "--workers", "2", "--no-live")
     assert done.returncode == 0, done.stdout + done.stderr
 
     study = journal(tmp, "two_by_six")
@@ -95,19 +52,20 @@ params:
         assert "confusion_matrix.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
     # lab best exports an experiment; lab train of it reproduces the best trial's metric.
-    best = lab("best", path, cwd=tmp, env=env)
+    best = lab("best", path)
     assert best.returncode == 0, best.stderr
     exported = tmp / "conf" / "experiment" / "two_by_six_best.yaml"
     assert exported.is_file() and "lab train experiment=two_by_six_best" in best.stdout
-    replay_env = {**env, "LAB_TORCH_THREADS": "1"}  # the pool gave each of 2 workers 1 thread on 2 cores
-    replay = lab("train", "experiment=two_by_six_best", "trainer.enable_progress_bar=false", cwd=tmp, env=replay_env)
+    # the pool gave each of 2 workers 1 thread on 2 cores
+    replay = lab("train", "experiment=two_by_six_best", "trainer.enable_progress_bar=false",
+                 env_extra={"LAB_TORCH_THREADS": "1"})
     assert replay.returncode == 0, replay.stderr[-3000:]
     exp = client.get_experiment_by_name("lab")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.data.metrics["val/acc"] == pytest.approx(study.best_value, abs=1e-6)
 
 
-def test_median_pruner_prunes_a_hopeless_trial(workdir):
+def test_median_pruner_prunes_a_hopeless_trial(workdir, lab, sweep_file, journal):
     tmp, env = workdir
     # Two good learning rates first, then one far too small to learn anything in 3 epochs: its val/acc
     # stays near chance (0.25 for 4 classes) below the median of the first two, so it must be pruned.
@@ -124,7 +82,7 @@ params:
   model.optimizer.lr: {type: float, low: 1.0e-7, high: 0.1, log: true}
 """).read_text()
     (tmp / "p.yaml").write_text(path.replace("trainer.max_epochs=2", "trainer.max_epochs=3"))
-    done = lab("sweep", tmp / "p.yaml", "--workers", "1", "--no-live", cwd=tmp, env=env)
+    done = lab("sweep", tmp / "p.yaml", "--workers", "1", "--no-live")
     assert done.returncode == 0, done.stdout + done.stderr
     study = journal(tmp, "prune_me")
     states = [t.state for t in study.get_trials()]
@@ -136,18 +94,21 @@ params:
     assert run.info.status == "FINISHED" and run.data.tags["trial.state"] == "PRUNED"
 
 
-def test_diverging_trial_fails_and_the_sweep_goes_on(workdir):
+def test_diverging_trial_fails_and_the_sweep_goes_on(workdir, lab, sweep_file, journal):
     tmp, env = workdir
+    # The sampled third trial must learn: worker cpu0's seeded random draw is lr 0.016 (TPE's seed 0 drew 1.8e5,
+    # which diverges too and made a fourth trial).
     path = sweep_file(tmp / "d.yaml", "diverge", """
 metric: val/acc
 n_trials: 2
+sampler: {name: random, seed: 5}
 enqueue:
   - {model.optimizer.lr: 1.0e+6}
   - {model.optimizer.lr: 0.01}
 params:
   model.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e+6, log: true}
 """, extra=("optimizer=sgd",))  # plain SGD at lr 1e6 overflows to inf/nan in the first epoch
-    done = lab("sweep", path, "--workers", "1", "--no-live", cwd=tmp, env=env)
+    done = lab("sweep", path, "--workers", "1", "--no-live")
     study = journal(tmp, "diverge")
     trials = study.get_trials()
     # A diverged trial is final (not retried) and uses none of the budget: two more trials finish.
@@ -164,18 +125,18 @@ params:
     ("model.optimizer.lr: {type: float, low: 0.0, high: 0.1, log: true}", "model.optimizer.lr"),
     ("data.batch_size: {type: categorical, choices: []}", "data.batch_size"),
 ])
-def test_invalid_sweep_fails_before_any_worker(workdir, param, named):
-    tmp, env = workdir
+def test_invalid_sweep_fails_before_any_worker(workdir, lab, sweep_file, param, named):
+    tmp, _ = workdir
     path = sweep_file(tmp / "bad.yaml", "bad", f"n_trials: 2\nparams:\n  {param}\n")
-    done = lab("sweep", path, "--workers", "2", cwd=tmp, env=env, timeout=120)
+    done = lab("sweep", path, "--workers", "2", timeout=120)
     assert done.returncode == 2
     assert named in done.stderr and "Traceback" not in done.stderr
     assert not (tmp / "runs").exists()  # no study, no worker logs
 
 
-def test_unknown_sampler_exit_code(workdir):
-    tmp, env = workdir
+def test_unknown_sampler_exit_code(workdir, lab, sweep_file):
+    tmp, _ = workdir
     path = sweep_file(tmp / "bad.yaml", "bad", "sampler: {name: annealing}\nparams:\n"
                       "  model.optimizer.lr: {type: float, low: 0.001, high: 0.1}\n")
-    done = lab("sweep", path, cwd=tmp, env=env, timeout=120)
+    done = lab("sweep", path, timeout=120)
     assert done.returncode == 2 and "annealing" in done.stderr

@@ -1,11 +1,12 @@
 """Sweep-file validation and worker placement: logic tests, no training."""
 import textwrap
+from pathlib import Path
 
 import optuna
 import pytest
 
-from lab import pool, spec
 from lab.errors import LabError
+from lab.sweep import pool, spec
 
 BASE = """
 study: t
@@ -96,14 +97,19 @@ def test_grid_sampler_caps_trials_at_grid_size(tmp_path):
     assert sweep.spec.n_trials == 6
 
 
-def test_every_shipped_sweep_is_valid():
+SWEEPS = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
+
+
+def test_the_shipped_sweeps_are_found():
     from lab.config import conf_dir
 
-    files = sorted((conf_dir().parent / "sweeps").glob("*.yaml"))
-    assert files, "no shipped sweeps found"
-    for path in files:
-        sweep = spec.load(path)
-        assert sweep.space, path
+    assert SWEEPS and SWEEPS[0].parent == conf_dir().parent / "sweeps", "no shipped sweeps found"
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_every_shipped_sweep_is_valid(path):
+    sweep = spec.load(path)
+    assert sweep.space, path
 
 
 def test_gpu_parsing_and_placement():
@@ -135,8 +141,7 @@ def test_auto_packing_rule():
 
 def test_grid_workers_agree_on_what_each_grid_id_is(tmp_path):
     """Two workers with their own samplers on one journal: every combination once, params = grid id's cell."""
-    from lab import study as studies
-
+    from lab.sweep import study as studies
     path = write(tmp_path, """
         data.batch_size: {type: categorical, choices: [4, 8]}
         model.optimizer.lr: {type: categorical, choices: [0.001, 0.01]}

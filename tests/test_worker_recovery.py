@@ -5,7 +5,9 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from lab import objective, spec, study as studies, tracking, worker
+from lab.sweep import objective, spec, worker
+from lab.sweep import study as studies
+from lab.train import tracking
 
 SWEEP = """study: oom
 overrides: [data=synthetic, model=mlp, data.n_train=96, data.n_test=32, "model.net.hidden=[8]", trainer.max_epochs=1]
@@ -27,6 +29,7 @@ def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(tmp_path, mlflow_u
         return real(sweep_, trial, parent)
 
     monkeypatch.setattr(objective, "run_trial", first_one_runs_out_of_memory)
+    studies.create_or_resume(sweep, str(tmp_path / "study.journal"))  # as `lab sweep` does before its workers
     ran = worker.work(sweep, str(tmp_path / "study.journal"), tmp_path, "w0")
     study = optuna.load_study(study_name="oom", storage=studies.open_storage(str(tmp_path / "study.journal")))
     trials = study.get_trials()

@@ -101,8 +101,13 @@ QUOTE_ADVICE = ("a value with spaces or special characters must reach lab in quo
 def hydra_error_message(err: BaseException) -> str | None:
     """One paragraph for a config error Hydra raised while composing (bad override syntax, unknown key,
     unknown group option); None for anything else, which keeps its traceback."""
-    from hydra.errors import (ConfigCompositionException, HydraException, InstantiationException,
-                              MissingConfigException, OverrideParseException)
+    from hydra.errors import (
+        ConfigCompositionException,
+        HydraException,
+        InstantiationException,
+        MissingConfigException,
+        OverrideParseException,
+    )
     from omegaconf import DictConfig
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -131,12 +136,11 @@ def hydra_error_message(err: BaseException) -> str | None:
         if not path:  # the top level: config groups are chosen there too (optimizer=sgd)
             from lab import config
 
-            keys |= {d.name for d in config.conf_dir().iterdir() if d.is_dir() and not d.name.startswith(".")}
+            keys |= config.groups()
         params, name = {}, ""
         if path == "trainer" or "_target_" in parent:
-            from lab import train
-
-            params, name = train.accepted_keys(parent._get_root(), path)
+            from lab.train import job
+            params, name = job.accepted_keys(parent._get_root(), path)
             params = params or {}
         plus = re.search(r"use (\+\S.*)$", str(err), re.MULTILINE)
         if leaf in params and plus:
@@ -156,19 +160,20 @@ def train_command(argv: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from lab import config, train
+    from lab import config
+    from lab.train import job
 
     @hydra.main(config_path=str(config.conf_dir()), config_name="train", version_base="1.3")
     def main(cfg) -> None:
         try:
-            train.run(cfg, HydraConfig.get().runtime.output_dir, run_name=cfg.mlflow.run_name,
-                      tags={"lab.command": "lab train " + " ".join(HydraConfig.get().overrides.task)})
+            job.run(cfg, HydraConfig.get().runtime.output_dir, run_name=cfg.mlflow.run_name,
+                    tags={"lab.command": "lab train " + " ".join(HydraConfig.get().overrides.task)})
         except Exception as err:  # noqa: BLE001 - only user errors are shortened; the rest re-raise
             if user_error(err) is None:
                 raise
             fail(user_error(err))
 
-    sys.argv = ["lab train", *expand_home(argv)]
+    sys.argv = ["lab train", *expand_home(argv), *config.search_path_override()]
     signal.signal(signal.SIGTERM, raise_interrupted)  # the run ends KILLED, the exit status says so
     # Without HYDRA_FULL_ERROR, Hydra prints its own errors and exits 1; with it, they reach the except below.
     # Whoever set it already wants full tracebacks, and keeps them.
@@ -200,7 +205,12 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def sweep_parser() -> argparse.ArgumentParser:
-    from lab import confirm, fetch, report, server  # mlflow, sklearn, matplotlib: seconds, not for `lab --help`
+    from lab import server
+    from lab.analysis import (
+        confirm,  # mlflow, sklearn, matplotlib: seconds, not for `lab --help`
+        report,
+    )
+    from lab.data import fetch
 
     parser = argparse.ArgumentParser(prog="lab", description="Hyperparameter sweeps with Optuna, tracked in MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -279,13 +289,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if getattr(args, "overrides", None):
         args.overrides = expand_home(args.overrides)
-    from lab import confirm, fetch, report, server, sweep
-
+    from lab import server
+    from lab.analysis import confirm, report
+    from lab.data import fetch
+    from lab.sweep import commands as sweep
     commands = {"sweep": sweep.sweep_command, "worker": sweep.worker_command, "best": sweep.best_command,
                 "server": server.command, "data": fetch.data_command, "confirm": confirm.command,
                 "report": report.command}
     try:
         commands[args.command](args)
+    except (Interrupted, KeyboardInterrupt) as stop:  # outside a sweep's orderly stop: at start, while plotting
+        print(f"lab: interrupted by {stop or 'Ctrl-C'}", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:  # noqa: BLE001
         if user_error(err) is None:
             raise

@@ -11,8 +11,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from lab import tracking
 from lab.errors import LabError
+from lab.train import tracking
 
 READY_TIMEOUT_S = 120
 

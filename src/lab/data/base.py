@@ -72,6 +72,12 @@ def to_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
 
 
 class TensorDataModule(pl.LightningDataModule):
+    @classmethod
+    def small_settings(cls, scratch) -> dict:
+        """Constructor arguments for a quick run on little data (tests, smoke runs); files it needs go under
+        the folder `scratch`. A dataset that is small already needs none."""
+        return {}
+
     def __init__(
         self,
         batch_size: int = 64,

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets.utils import download_url
 
 from lab.data.base import Images, Loaded, TensorDataModule
 from lab.errors import LabError
@@ -43,11 +42,11 @@ def read_idx(path: Path) -> torch.Tensor:
 class IdxDataModule(TensorDataModule):
     CLASS_NAMES: list[str] = []
     SYSTEM_DIRS: tuple[str, ...] = ()
-    URL = ""
+    DATASET = ""  # its name in lab.data.fetch.DATASETS: where it downloads from, and the pinned MD5s
 
     def __init__(self, root: str = "data/mnist", url: str | None = None, download: bool = True, **kwargs):
         super().__init__(**kwargs)
-        self.root, self.url, self.download = Path(root).expanduser(), url or self.URL, download
+        self.root, self.url, self.download = Path(root).expanduser(), url, download
 
     def _find(self, stem: str) -> Path | None:
         for folder in (self.root, *map(Path, self.SYSTEM_DIRS)):
@@ -62,11 +61,9 @@ class IdxDataModule(TensorDataModule):
             return
         if not self.download:
             raise LabError(self._where_message(missing))
-        try:
-            for stem in missing:
-                download_url(self.url.rstrip("/") + f"/{stem}.gz", str(self.root), f"{stem}.gz")
-        except Exception as err:  # no network, 404, ...: say where the files belong instead
-            raise LabError(f"Downloading from {self.url} failed ({err}). {self._where_message(missing)}") from err
+        from lab.data import fetch  # the one download path: MD5 and idx format checked, no junk left behind
+
+        fetch.fetch_idx(fetch.DATASETS[self.DATASET], self.root, self.url, force=False, system_dirs=False)
 
     def _where_message(self, missing: list[str]) -> str:
         places = ", ".join(str(p) for p in (self.root, *self.SYSTEM_DIRS))
@@ -86,10 +83,10 @@ class FashionMNIST(IdxDataModule):
     CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
     SYSTEM_DIRS = ("/usr/share/datasets/fashion-mnist",)
-    URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
+    DATASET = "fashion_mnist"
 
 
 class MNIST(IdxDataModule):
     CLASS_NAMES = [str(d) for d in range(10)]
     SYSTEM_DIRS = ("/usr/share/datasets/mnist",)
-    URL = "https://ossci-datasets.s3.amazonaws.com/mnist"
+    DATASET = "mnist"

@@ -20,20 +20,23 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from lab.errors import LabError
-from lab.spec import Sweep, grid_values
+from lab.sweep.spec import Sweep, grid_values, override_key
 from lab.uris import is_rdb, mask_password
 
 log = logging.getLogger(__name__)
-# RDB only: a trial without a heartbeat for GRACE_S seconds is failed and retried. Environment overrides
-# exist for tests and for clusters whose schedulers pause jobs.
-HEARTBEAT_S = int(os.environ.get("LAB_HEARTBEAT_S", 30))
-GRACE_S = int(os.environ.get("LAB_GRACE_S", 120))
+# RDB only: a trial without a heartbeat for grace_s seconds is failed and retried (30 s, 120 s). The
+# environment can shorten them, for tests and for clusters whose schedulers pause jobs; read when a
+# storage is opened, not at import.
+HEARTBEAT_ENV = {"heartbeat_interval": ("LAB_HEARTBEAT_S", 30), "grace_period": ("LAB_GRACE_S", 120)}
 RETRY_OF = "lab.retry_of"  # user attr of a queued trial: the number of the trial it repeats
 RESUME_FROM = "lab.resume_from"  # user attr of a queued trial: the checkpoint it continues from
+LAST_CHECKPOINT = "last.ckpt"  # what lab.train.checkpoints.LastCheckpoint writes in a trial's checkpoint_dir
 ATTEMPT = "lab.attempt"  # user attr: 1 for a trial's first run, 2 for its first retry after its worker died
 BASE_ATTR = "lab.base_overrides"  # study attr: the overrides every trial starts from, fixed at creation
 UID_ATTR = "lab.uid"  # study attr: tells this study from an earlier one of the same name and storage
-LAUNCH_ATTR = "lab.launch_after"  # study attr: the last trial number before this launch of `lab sweep`
+LAUNCH_ATTR = "lab.launch_after"
+BUDGET_ATTR = "lab.budget"  # study attr: n_trials, max_failures, max_retries of the last `lab sweep` launch
+BUDGET_KEYS = ("n_trials", "max_failures", "max_retries")  # study attr: the last trial number before this launch of `lab sweep`
 
 
 def default_storage(out_dir: Path) -> str:
@@ -69,13 +72,15 @@ def repair_journal(path: Path) -> Path | None:
     return aside
 
 
-def open_storage(storage: str, repair: bool = False, on_stale=None, create: bool = True):
-    """on_stale(study, trial): RDB storage calls it for each trial whose heartbeat stopped.
-    create=False: a journal file that does not exist is an error, not a new empty study."""
+def open_storage(storage: str, repair: bool = False, create: bool = True):
+    """create=False: a journal or SQLite file that does not exist is an error, not a new empty study."""
+    if is_rdb(storage) and not create and storage.startswith("sqlite:///"):
+        if not Path(storage.removeprefix("sqlite:///")).is_file():
+            raise KeyError(storage)  # opening it would create an empty database
     if is_rdb(storage):
         try:
-            return RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                              heartbeat_stale_trial_callback=on_stale)
+            timing = {key: int(os.environ.get(name) or default) for key, (name, default) in HEARTBEAT_ENV.items()}
+            return RDBStorage(storage, **timing)
         except Exception as err:  # noqa: BLE001 - unreachable server, bad driver, bad URL
             raise LabError(f"cannot open Optuna storage {mask_password(storage)}: {err}") from err
     path = Path(storage)
@@ -99,10 +104,25 @@ def load(sweep: Sweep, storage: str, command: str = "lab sweep") -> optuna.Study
     return study
 
 
+WORKER_ONLY = ("mlflow.experiment", "trainer.enable_progress_bar", "trainer.enable_model_summary", "threads")
+
+
+def stored_base(study: optuna.Study) -> list[str] | None:
+    """The overrides the study was created with; for a study from before lab stored them, what its first
+    trial ran with, less its params and the worker's own settings."""
+    if BASE_ATTR in study.user_attrs:
+        return list(study.user_attrs[BASE_ATTR])
+    for t in study.get_trials(deepcopy=False):
+        if "overrides" in t.user_attrs:
+            skip = {*t.params, *WORKER_ONLY}
+            return [o for o in t.user_attrs["overrides"] if override_key(o) not in skip]
+    return None
+
+
 def adopt(sweep: Sweep, study: optuna.Study) -> None:
-    stored = study.user_attrs.get(BASE_ATTR)
+    stored = stored_base(study)
     if stored is not None:
-        sweep.base_overrides = list(stored)
+        sweep.base_overrides = stored
 
 
 class GridSampler(optuna.samplers.GridSampler):
@@ -116,6 +136,15 @@ class GridSampler(optuna.samplers.GridSampler):
       combination stays done: the failure limit, not a retry loop, deals with it.
     """
 
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        # Optuna's gives trial k < grid size grid id k without looking at what ran (an enqueued or retried
+        # trial takes a number too): every new trial takes a combination that has not run.
+        if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
+            return
+        target = self._get_unvisited_grid_ids(study) or list(range(len(self._all_grids)))
+        study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)  # noqa: SLF001
+        study._storage.set_trial_system_attr(trial._trial_id, "grid_id", int(self._rng.rng.choice(target)))  # noqa: SLF001
+
     def after_trial(self, study, trial, state, values) -> None:
         pass
 
@@ -123,9 +152,11 @@ class GridSampler(optuna.samplers.GridSampler):
         launch = study.user_attrs.get(LAUNCH_ATTR, -1)
         visited, running = set(), set()
         for t in study._storage.get_all_trials(study._study_id, deepcopy=False):  # noqa: SLF001 - as Optuna's own
-            grid_id = t.system_attrs.get("grid_id")
+            # The params say which combination ran; a grid id alone may come from a study whose workers
+            # shuffled the grid each their own way (lab before it gave every worker the same seed).
+            grid_id = self._grid_id_of(t.params or t.system_attrs.get("fixed_params", {}))
             if grid_id is None:
-                grid_id = self._grid_id_of(t.params)  # a retried trial carries its params, not its grid id
+                grid_id = t.system_attrs.get("grid_id")
             if grid_id is None:
                 continue
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and t.number > launch):
@@ -187,11 +218,15 @@ def identity(sweep: Sweep) -> dict[str, str]:
 
 
 def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, repair: bool = False,
-                     on_stale=None, join: bool = False) -> optuna.Study:
-    """Create the study, or check that the stored one is the same experiment (space, metric, overrides).
-    join=True (a `lab worker` given no overrides): take the stored overrides as they are."""
-    store = open_storage(storage, repair, on_stale)
+                     join: bool = False, given: set[str] | None = None) -> optuna.Study:
+    """`lab sweep`: create the study, or check that the stored one is the same experiment (space, metric,
+    overrides), and store this launch's budget settings. join=True (`lab worker`): the study must exist;
+    the overrides and the budget settings not in `given` (command-line options) are taken from it."""
+    store = open_storage(storage, repair)
     names = {s.study_name for s in optuna.study.get_all_study_summaries(store, include_best_trial=False)}
+    if join and sweep.spec.study not in names:
+        raise LabError(f"no study {sweep.spec.study!r} in {mask_password(storage)}: a worker joins a study that "
+                       f"exists; create it with `lab sweep {sweep.path} --prepare` (same --storage) first.")
     study = optuna.create_study(study_name=sweep.spec.study, storage=store, sampler=make_sampler(sweep, worker_id),
                                 pruner=make_pruner(sweep), direction=sweep.spec.direction, load_if_exists=True)
     stored = study.user_attrs
@@ -204,8 +239,12 @@ def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, r
                     f"{stored.get(key)}, the sweep file now says {what}={now}. Resuming would mix incomparable "
                     "trials: restore the file, or start a new study with --study NAME."
                 )
-        before = stored.get(BASE_ATTR)
-        if join and before is not None:
+        before = stored_base(study)
+        if join:
+            for key, value in stored.get(BUDGET_ATTR, {}).items():
+                if key not in (given or set()):
+                    setattr(sweep.spec, key, value)
+        if join and before is not None and not sweep.cli_overrides:
             sweep.base_overrides = list(before)
         elif before is not None and list(before) != sweep.base_overrides:
             raise LabError(
@@ -214,7 +253,7 @@ def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, r
                 "differently: repeat the original overrides to resume, or add --study NEW_NAME to start a "
                 "separate study from the same file."
             )
-        if before is None:  # a study from before overrides were stored
+        if BASE_ATTR not in stored and not join:  # a study from before overrides were stored
             study.set_user_attr(BASE_ATTR, sweep.base_overrides)
         if UID_ATTR not in stored:
             study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
@@ -228,9 +267,10 @@ def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, r
     return study
 
 
-def begin_launch(study: optuna.Study) -> None:
+def begin_launch(sweep: Sweep, study: optuna.Study) -> None:
     """Failures of earlier launches neither count towards this launch's failure limit nor keep a grid
-    combination from running again."""
+    combination from running again; the budget settings of this launch are what `lab worker`s adopt."""
+    study.set_user_attr(BUDGET_ATTR, {key: getattr(sweep.spec, key) for key in BUDGET_KEYS})
     trials = study.get_trials(deepcopy=False)
     study.set_user_attr(LAUNCH_ATTR, max((t.number for t in trials), default=-1))
 
@@ -253,12 +293,15 @@ def counts(study: optuna.Study) -> dict[str, int]:
     return out
 
 
-def used_budget(study: optuna.Study) -> int:
+def used_budget(study: optuna.Study, failures_count: bool = False) -> int:
     """Trials that use up n_trials: finished, pruned, running, and retries queued for trials that were cut
-    off. Failed trials do not: a sweep whose trials fail stops at max_failures, with its budget left."""
+    off. Failed trials do not (a sweep whose trials fail stops at max_failures with its budget left), unless
+    failures_count: with max_failures=0 nothing else would end a sweep whose every trial fails."""
     trials = study.get_trials(deepcopy=False)
+    again = retried(trials) if failures_count else set()
     return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-               or (t.state == TrialState.WAITING and RETRY_OF in t.user_attrs) for t in trials)
+               or (t.state == TrialState.WAITING and RETRY_OF in t.user_attrs)
+               or (failures_count and t.state == TrialState.FAIL and t.number not in again) for t in trials)
 
 
 def queued_retries(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -267,7 +310,7 @@ def queued_retries(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def done(sweep: Sweep, study: optuna.Study, sampler: optuna.samplers.BaseSampler | None = None) -> bool:
     """No new trial is needed: the budget is spent, or every grid combination has run."""
-    if used_budget(study) >= sweep.spec.n_trials:
+    if used_budget(study, failures_count=not sweep.spec.max_failures) >= sweep.spec.n_trials:
         return True
     return isinstance(sampler, GridSampler) and sampler.exhausted(study)
 
@@ -305,19 +348,18 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str, max
     again = max_retries is None or attempt <= max_retries
     if not again:
         reason = f"{reason}; gave up after {attempt} attempts (max_retries={max_retries})"
+    if again:  # queued before the original fails, so that the budget never looks free in between
+        attrs = {RETRY_OF: trial.number, "lab.retry_reason": reason,
+                 ATTEMPT: attempt if max_retries is None else attempt + 1}
+        last = Path(trial.user_attrs.get("checkpoint_dir", "/nonexistent")) / LAST_CHECKPOINT
+        if last.is_file():
+            attrs[RESUME_FROM] = str(last)
+        study.enqueue_trial(trial.params, user_attrs=attrs)
     if trial.state == TrialState.RUNNING:
         # Another process's trial: Optuna has no public attribute setter for it short of the storage.
         study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)  # noqa: SLF001
         study.tell(trial.number, state=TrialState.FAIL)
-    if not again:
-        return False
-    attrs = {RETRY_OF: trial.number, "lab.retry_reason": reason,
-             ATTEMPT: attempt if max_retries is None else attempt + 1}
-    last = Path(trial.user_attrs.get("checkpoint_dir", "/nonexistent")) / "last.ckpt"
-    if last.is_file():
-        attrs[RESUME_FROM] = str(last)
-    study.enqueue_trial(trial.params, user_attrs=attrs)
-    return True
+    return again
 
 
 def pid_alive(pid: int) -> bool:
@@ -330,39 +372,52 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def stale_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """RUNNING trials whose worker process on this host is gone (journal storage has no heartbeat)."""
+def stale_trials(study: optuna.Study, storage: str) -> list[tuple[optuna.trial.FrozenTrial, str]]:
+    """(trial, why) for each RUNNING trial whose worker is gone: on this host, a dead process id (any storage);
+    on RDB storage also a heartbeat older than the grace period (a host that died)."""
     host = socket.gethostname()
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.user_attrs.get("host") == host and not pid_alive(int(t.user_attrs.get("pid", -1)))]
-
-
-def reap(study: optuna.Study, storage: str, abandon) -> list[optuna.trial.FrozenTrial]:
-    """Fail (and queue again, within max_retries) trials whose worker is gone: RDB storage finds them by their
-    stopped heartbeat and calls its stale-trial callback; journal storage (no heartbeat) by a dead process
-    id on this host, calling abandon(trial). Call with the budget lock held. Returns the trials reaped."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    stale = {t.number: "worker process died" for t in running
+             if t.user_attrs.get("host") == host and "pid" in t.user_attrs and not pid_alive(int(t.user_attrs["pid"]))}
     if is_rdb(storage):
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        optuna.storages.fail_stale_trials(study)
-        still = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        return [t for t in running if t.number not in still]
-    stale = stale_trials(study)
-    for trial in stale:
-        abandon(trial)
-    return stale
+        # The heartbeat API's own query (what optuna.storages.fail_stale_trials uses), called here so that each
+        # trial is failed with its reason and queued again while it is still RUNNING.
+        ids = set(study._storage._get_stale_trial_ids(study._study_id))  # noqa: SLF001
+        for t in running:
+            if t._trial_id in ids:  # noqa: SLF001
+                stale.setdefault(t.number, "heartbeat lost")
+    return [(t, stale[t.number]) for t in running if t.number in stale]
+
+
+def reap(study: optuna.Study, storage: str, abandon, dead_pid_reason: str | None = None) -> list[optuna.trial.FrozenTrial]:
+    """Fail (and queue again, within max_retries) the trials whose worker is gone, calling abandon(trial, why)
+    for each while it is still RUNNING. Call with the budget lock held. Returns the trials reaped."""
+    stale = stale_trials(study, storage)
+    for trial, why in stale:
+        abandon(trial, dead_pid_reason if dead_pid_reason and why == "worker process died" else why)
+    return [t for t, _ in stale]
+
+
+def trials_of_process(study: optuna.Study, pid: int) -> list[optuna.trial.FrozenTrial]:
+    """The trials a worker process on this host ran, newest last."""
+    host = socket.gethostname()
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.user_attrs.get("host") == host and t.user_attrs.get("pid") == pid]
 
 
 _ENGINES: dict = {}
 
 
 @contextlib.contextmanager
-def budget_lock(storage: str, out_dir: Path, study_name: str):
+def budget_lock(storage: str, study_name: str):
     """One worker at a time checks the budget and asks for a trial, so n_trials is exact.
 
     Journal and SQLite storage live on one host: an exclusive file lock. PostgreSQL and MySQL are shared
     across hosts: a lock held by the database itself (an advisory lock), released if a host dies."""
     if not is_rdb(storage) or storage.startswith("sqlite"):
-        path = out_dir / "budget.lock"
+        # Next to the journal or database file, so that every process using it takes the same lock.
+        # (Not <file>.lock: Optuna's journal uses that name for its own lock.)
+        path = Path(storage.removeprefix("sqlite:///") + ".budget.lock")
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)

@@ -120,7 +120,7 @@ def data_command(args) -> None:
         if args.sha256:
             raise LabError(f"--sha256 applies to one archive; {args.name} is four files, checked by their "
                            "pinned MD5s (--skip-checksum skips that) and by their idx format.")
-        where = fetch_idx(spec, root, args.url, args.force, skip)
+        where = fetch_idx(spec, root / spec.target, args.url, args.force, skip)
     print(f"{args.name}: ready in {where}")
 
 
@@ -388,11 +388,13 @@ def reject_unreadable(folder: Path, rejected: Path) -> None:
 
 # -- MNIST-format files -----------------------------------------------------------------------------
 
-def fetch_idx(spec: IdxFiles, root: Path, url: str | None, force: bool, skip_checksum: bool = False) -> Path:
+def fetch_idx(spec: IdxFiles, target: Path, url: str | None, force: bool, skip_checksum: bool = False,
+              system_dirs: bool = True) -> Path:
+    """The four files into target/, each checked (MD5, idx format). Also what the idx datamodules call when
+    their files are missing: one verified download path, not two."""
     from lab.data import idx
 
-    target = root / spec.target
-    if not (force or url):
+    if system_dirs and not (force or url):
         for folder in map(Path, getattr(idx, spec.datamodule).SYSTEM_DIRS):
             if all((folder / n).is_file() or (folder / n.removesuffix(".gz")).is_file() for n in spec.md5):
                 note(f"{spec.target} is already installed in {folder}, which the datamodule also reads: "

@@ -19,10 +19,12 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from lab import config, live, pool, spec, sweep_tracking, tracking, worker
-from lab import study as studies
+from lab import config
 from lab.errors import Interrupted, LabError, raise_interrupted
-from lab.uris import absolute_uri, is_rdb, mask_password
+from lab.sweep import live, pool, records, spec, worker
+from lab.sweep import study as studies
+from lab.train import tracking
+from lab.uris import absolute_uri, mask_password
 
 log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 130
@@ -43,9 +45,9 @@ def choose_slots(args, sweep: spec.Sweep) -> list[pool.Slot]:
                        "CPU workers.")
     per_gpu = 1
     if gpus and args.workers_per_gpu == "auto":
-        from lab import train  # Lightning's imports (~7 s), only for this measurement
+        from lab.train import job  # Lightning's imports (~7 s), only for this measurement
 
-        _, model = train.build(config.load(sweep.base_overrides))
+        _, model = job.build(config.load(sweep.base_overrides))
         n_params = sum(p.numel() for p in model.parameters())
         memory = min(torch.cuda.get_device_properties(g).total_memory for g in gpus)
         per_gpu = pool.auto_per_gpu(n_params, memory)
@@ -58,11 +60,19 @@ def choose_slots(args, sweep: spec.Sweep) -> list[pool.Slot]:
     return pool.placement(gpus, per_gpu, args.workers or 1, os.cpu_count() or 1)
 
 
-def reap(study: optuna.Study, sweep: spec.Sweep, uri: str, storage: str, out_dir: Path,
-         reason: str = "worker process died") -> list[optuna.trial.FrozenTrial]:
-    abandon = sweep_tracking.abandoner(uri, sweep.spec.max_retries)
-    with studies.budget_lock(storage, out_dir, sweep.spec.study):
-        return studies.reap(study, storage, lambda trial: abandon(study, trial, reason))
+def reap(study: optuna.Study, sweep: spec.Sweep, uri: str, storage: str,
+         dead_pid_reason: str | None = None) -> list[optuna.trial.FrozenTrial]:
+    abandon = records.abandoner(uri, sweep.spec.max_retries)
+    with studies.budget_lock(storage, sweep.spec.study):
+        return studies.reap(study, storage, lambda trial, why: abandon(study, trial, why), dead_pid_reason)
+
+
+def blamed_trial(study: optuna.Study, pid: int) -> optuna.trial.FrozenTrial | None:
+    """The trial a dead worker process was running when it died (reaped by now, by us or another worker)."""
+    mine = studies.trials_of_process(study, pid)
+    if mine and (mine[-1].state == TrialState.RUNNING or "died" in mine[-1].user_attrs.get("fail_reason", "")):
+        return mine[-1]
+    return None
 
 
 class Failures:
@@ -90,14 +100,15 @@ def sweep_command(args) -> None:
     sweep = spec.from_args(args)
     out_dir, storage = studies.locate(sweep, args.storage, args.out)
     slots = choose_slots(args, sweep)
+    studies.make_sampler(sweep), studies.make_pruner(sweep)  # their options are checked before a file exists
     for note in sweep.notes:
         print(f"note: {note}")
     uri = absolute_uri(tracking.tracking_uri())
     study = studies.create_or_resume(sweep, storage, repair=True)  # refuses a changed sweep before MLflow is touched
     tracking.experiment_id(uri, sweep.mlflow_experiment)
-    studies.begin_launch(study)
-    reaped = reap(study, sweep, uri, storage, out_dir)
-    parent = sweep_tracking.parent_run(study, sweep, uri, storage)
+    studies.begin_launch(sweep, study)
+    reaped = reap(study, sweep, uri, storage)
+    parent = records.parent_run(study, sweep, uri, storage)
     if args.prepare:  # cluster use: the study and parent run exist before N `lab worker`s join
         print(f"prepared study {sweep.spec.study} in {mask_password(storage)}; MLflow parent run {parent}")
         return
@@ -126,14 +137,16 @@ def sweep_command(args) -> None:
         workers.start()
         while True:
             running = workers.running  # before poll(): a worker that dies in between is seen by poll()
-            for name, code in workers.poll().items():
+            for name, (code, pid) in workers.poll().items():
                 what = pool.describe_exit(code)
-                lost = reap(study, sweep, uri, storage, out_dir, f"worker {name} died ({what})")
-                ours = [t for t in lost if t.user_attrs.get("worker") == name]
-                print(f"worker {name} died ({what})" + (f" running trial {ours[0].number}" if ours else "")
+                reap(study, sweep, uri, storage, f"worker {name} died ({what})")
+                blamed = blamed_trial(study, pid)
+                print(f"worker {name} died ({what})" + (f" running trial {blamed.number}" if blamed else "")
                       + f"; see {out_dir / 'workers' / (name + '.log')}", flush=True)
                 # A death while running a trial is the trial's (its retries are limited by max_retries).
-                if not workers.restart(name, charged=not ours):
+                if studies.failure_streak(sweep, study):
+                    continue
+                if not workers.restart(name, charged=blamed is None):
                     print(f"worker {name} died {pool.MAX_RESTARTS + 1} times without a trial to blame: not restarted")
             failures.report(study)
             if studies.failure_streak(sweep, study) or not (running or workers.running):
@@ -148,7 +161,7 @@ def sweep_command(args) -> None:
     streak = studies.failure_streak(sweep, study)
     if streak and not interrupted:
         workers.stop()  # the rest of the pool asks for no new trial either; running ones are cut short
-    reap(study, sweep, uri, storage, out_dir)
+    reap(study, sweep, uri, storage)
     failures.report(study)
     view.show(live.lines(sweep, study, workers, started))
     finish(sweep, study, parent, uri, interrupted, streak, deadline)
@@ -157,7 +170,7 @@ def sweep_command(args) -> None:
 def finish(sweep, study, parent: str, uri: str, interrupted, streak, deadline) -> None:
     """The parent run's summary and status, the best trial, and the exit status that says how it ended."""
     client = MlflowClient(uri)
-    skipped = sweep_tracking.log_summary(client, parent, study)
+    skipped = records.log_summary(client, parent, study)
     used = studies.used_budget(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     ended = studies.done(sweep, study, studies.make_sampler(sweep)) or deadline is not None
@@ -200,12 +213,20 @@ def worker_command(args) -> None:
     signal.signal(signal.SIGINT, raise_interrupted)
     # The pool gives each worker its share of the cores; a worker started by hand uses torch's default.
     threads = int(os.environ.get("LAB_TORCH_THREADS") or 0)
+    given = {key for key in studies.BUDGET_KEYS if getattr(args, key, None) is not None}
     try:
         ran = worker.work(sweep, storage, out_dir, args.worker_id or f"worker-{os.getpid()}", deadline, threads,
-                          join=not args.overrides)
+                          given=given)
     except Interrupted as stop:
         print(f"worker stopped by {worker.describe(stop)}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except worker.FailureLimit as limit:
+        print(f"worker stopped: {limit} (max_failures={sweep.spec.max_failures}). Reason(s):", file=sys.stderr)
+        for reason in sorted({studies.fail_reason(t) for t in limit.streak}):
+            print(f"  - {reason}", file=sys.stderr)
+        print(f"Fix the cause, then start a new launch with `lab sweep {args.sweep_file} ...` (or --prepare).",
+              file=sys.stderr)
+        sys.exit(pool.EXIT_HALTED)
     print(f"worker done: {ran} trial(s)")
 
 
@@ -229,7 +250,7 @@ def experiment_yaml(sweep: spec.Sweep, trial: optuna.trial.FrozenTrial) -> str:
         key = override.key_or_group
         if key == "experiment":
             experiments.append(f"/experiment/{override.value()}")
-        elif (config.conf_dir() / key).is_dir():  # a config group: choose it in the defaults list
+        elif config.is_group(key):  # a config group: choose it in the defaults list
             groups.append({f"override /{key}": override.value()})
         else:
             OmegaConf.update(values, key, override.value(), force_add=True)
@@ -246,13 +267,12 @@ def best_command(args) -> None:
     best = print_best(sweep, study)
     if best is None:
         raise LabError(f"study {sweep.spec.study!r} has no completed trial to export yet.")
-    path = Path(args.export) if args.export else config.conf_dir() / "experiment" / f"{sweep.spec.study}_best.yaml"
+    path = Path(args.export) if args.export else config.export_dir() / f"{sweep.spec.study}_best.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(experiment_yaml(sweep, best))
     print(f"exported: {path}")
-    if path.resolve().parent == (config.conf_dir() / "experiment").resolve():
+    found = [d / "experiment" for d in config.search_path()]
+    if path.resolve().parent in found:
         print(f"reproduce: lab train experiment={path.stem}")
-    elif path.parent.name == "experiment":
-        print(f"reproduce: lab train --config-dir {path.parent.parent} experiment={path.stem}")
     else:
-        print(f"reproduce: move it to {config.conf_dir() / 'experiment'}/ and run lab train experiment={path.stem}")
+        print(f"reproduce: move it to {config.export_dir()}/ and run lab train experiment={path.stem}")

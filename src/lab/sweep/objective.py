@@ -6,11 +6,12 @@ from pathlib import Path
 import optuna
 import pytorch_lightning as pl
 
-from lab import config, train
+from lab import config
 from lab.errors import LabError, StopRun
-from lab.module import Diverged
-from lab.spec import Sweep
-from lab.study import RESUME_FROM
+from lab.sweep.spec import Sweep
+from lab.sweep.study import RESUME_FROM
+from lab.train import job
+from lab.train.module import Diverged
 
 
 class Pruned(StopRun):
@@ -54,7 +55,7 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, parent_run_id: str | None) -> f
     if resume_from:
         tags["lab.resumed_from"] = resume_from
     try:
-        metrics = train.run(cfg, Path(trial.user_attrs["checkpoint_dir"]).parent,
+        metrics = job.run(cfg, Path(trial.user_attrs["checkpoint_dir"]).parent,
                             (PruningCallback(trial, sweep.spec.metric),), parent_run_id=parent_run_id,
                             run_name=f"trial-{trial.number}", tags=tags, on_run=record_run, resume_from=resume_from)
     except Pruned as pruned:

@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import optuna
 import yaml
@@ -28,27 +28,27 @@ FINAL_METRICS = ("test/loss", "test/acc", "test/precision_macro", "test/recall_m
 @dataclass
 class ParamSpec:
     type: str = "float"
-    low: Optional[float] = None
-    high: Optional[float] = None
+    low: float | None = None
+    high: float | None = None
     log: bool = False
-    step: Optional[float] = None
-    choices: Optional[list[Any]] = None
+    step: float | None = None
+    choices: list[Any] | None = None
 
 
 @dataclass
 class SweepSpec:
     study: str = "???"
-    experiment: Optional[str] = None  # conf/experiment/NAME.yaml, the base of every trial
+    experiment: str | None = None  # conf/experiment/NAME.yaml, the base of every trial
     overrides: list[str] = field(default_factory=list)
     metric: str = "val/acc"
     direction: str = "maximize"
     n_trials: int = 20  # total for the study, across resumes
-    timeout: Optional[float] = None  # seconds from this launch; no new trial starts after it
+    timeout: float | None = None  # seconds from this launch; no new trial starts after it
     sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe", "seed": 0})
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     params: dict[str, ParamSpec] = field(default_factory=dict)
     enqueue: list[dict[str, Any]] = field(default_factory=list)  # configurations to try first
-    mlflow_experiment: Optional[str] = None  # default: the study name
+    mlflow_experiment: str | None = None  # default: the study name
     max_failures: int = 5  # consecutive failed trials that stop the sweep; 0: never stop
     max_retries: int = 2  # times a trial whose worker process died is run again before it fails for good
 
@@ -68,8 +68,12 @@ def merge_overrides(*groups: list[str]) -> list[str]:
     so that `trainer.max_epochs=10 trainer.max_epochs=1` is stored and replayed as `trainer.max_epochs=1`."""
     merged: dict[str, str] = {}
     for override in (o for group in groups for o in group):
-        merged.pop(override_key(override), None)
-        merged[override_key(override)] = override
+        key = override_key(override)
+        before = merged.pop(key, "")
+        added = before[: len(before) - len(before.lstrip("+"))]  # `+key=a` then `key=b`: b still needs the +
+        if added and not override.startswith(("+", "~")):
+            override = added + override
+        merged[key] = override
     return list(merged.values())
 
 
@@ -139,6 +143,7 @@ class Sweep:
     path: Path
     space: dict[str, optuna.distributions.BaseDistribution]
     base_overrides: list[str]
+    cli_overrides: list[str] = field(default_factory=list)  # the command line's part of base_overrides
     notes: list[str] = field(default_factory=list)  # said once before the sweep starts
 
     @property
@@ -160,20 +165,36 @@ class Sweep:
         """What `lab train` needs to train exactly what a trial trained: base overrides, params, and the
         worker's thread count (a different count sums in another order: another last digit)."""
         threads = trial.user_attrs.get("threads")
-        return self.trial_overrides(trial.params, base=True) + ([f"threads={threads}"] if threads else [])
+        own = threads and not any(override_key(o) == "threads" for o in self.base_overrides)  # the user's wins
+        return self.trial_overrides(trial.params, base=True) + ([f"threads={threads}"] if own else [])
 
     def space_json(self) -> str:
         return json.dumps({k: optuna.distributions.distribution_to_json(d) for k, d in self.space.items()},
                           sort_keys=True)
 
 
+SHIPPED_SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"  # in a checkout, a link to sweeps/
+
+
+def find(path: Path) -> Path:
+    """The sweep file: as given, else one shipped with lab (`sweeps/quickstart.yaml` or `quickstart` from
+    any folder, once lab is installed)."""
+    if path.is_file():
+        return path
+    name = path.name if path.suffix else f"{path.name}.yaml"
+    shipped = SHIPPED_SWEEPS / name
+    if not path.is_absolute() and path.parent in (Path("."), Path("sweeps")) and shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in SHIPPED_SWEEPS.glob("*.yaml"))
+    raise LabError(f"sweep file {path} does not exist; the sweeps shipped with lab are {', '.join(names)} "
+                   "(give a name, e.g. `lab sweep quickstart`, or a path to your own file).")
+
+
 def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None = None, check: bool = True,
          max_failures: int | None = None, max_retries: int | None = None) -> Sweep:
     """check=False skips composing the config per parameter (workers the parent already checked for).
     n_trials, max_failures, max_retries: command-line values that replace the file's."""
-    path = Path(path)
-    if not path.is_file():
-        raise LabError(f"sweep file {path} does not exist; shipped sweeps are in sweeps/*.yaml.")
+    path = find(Path(path))
     try:
         raw = OmegaConf.load(path)
     except yaml.YAMLError as err:
@@ -192,7 +213,7 @@ def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None
     check_spec(spec, path)
     space = {name: distribution(name, p) for name, p in spec.params.items()}
     exp = [f"experiment={spec.experiment}"] if spec.experiment else []
-    sweep = Sweep(spec, path, space, merge_overrides(exp, spec.overrides, list(extra_overrides)))
+    sweep = Sweep(spec, path, space, merge_overrides(exp, spec.overrides, list(extra_overrides)), list(extra_overrides))
     if check:
         check_paths(sweep)
     for i, values in enumerate(spec.enqueue):
@@ -216,6 +237,9 @@ def check_spec(spec: SweepSpec, path: Path) -> None:
         raise LabError(f"{path}: direction={spec.direction!r} is not valid: choose one of {list(DIRECTIONS)}.")
     if spec.n_trials < 1:
         raise LabError(f"{path}: n_trials={spec.n_trials} is not valid: it must be at least 1.")
+    if spec.timeout is not None and not (math.isfinite(spec.timeout) and spec.timeout > 0):
+        raise LabError(f"{path}: timeout={spec.timeout} is not valid: give a positive number of seconds or leave "
+                       "it out.")
     if spec.max_failures < 0:
         raise LabError(f"{path}: max_failures={spec.max_failures} is not valid: give the number of consecutive "
                        "failed trials that stops the sweep (at least 1), or 0 to never stop.")

@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
-from lab import tracking
-from lab.checkpoints import LastCheckpoint
 from lab.errors import LabError, unknown_key
-from lab.module import call_factory
+from lab.train import tracking
+from lab.train.checkpoints import LastCheckpoint
+from lab.train.module import call_factory
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _whole(v) -> bool:
 RULES = {
     "seed": (_whole, "a whole number"),
     "threads": (lambda v: v is None or (_whole(v) and v >= 0), "a whole number >= 0 (0: $LAB_TORCH_THREADS)"),
-    "model.optimizer.lr": (lambda v: _number(v) and 0 < v < math.inf, "a number > 0, e.g. 1e-3"),
+    "model.optimizer.lr": (lambda v: _number(v) and 0 <= v < math.inf, "a number >= 0, e.g. 1e-3 (0 trains nothing)"),
     "model.optimizer.weight_decay": (lambda v: _number(v) and 0 <= v < math.inf, "a number >= 0 (0: no L2 penalty)"),
     "model.optimizer.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1), e.g. 0.9"),
     "data.batch_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1, e.g. 64"),

@@ -15,7 +15,8 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from lab import config, results
+from lab import config
+from lab.analysis import results
 from lab.errors import LabError
 
 TEST_METRIC = "test/acc"
@@ -36,13 +37,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def rerun(sweep, trial, seed: int, out_dir, parent: str) -> dict[str, float] | None:
     # The trial's own overrides (base + params), minus pruning; seed= replaces the cfg.seed the trial ran with.
-    from lab import objective, train  # Lightning's imports (~7 s) only when something trains
+    from lab.sweep import objective  # Lightning's imports (~7 s) only when something trains
+    from lab.train import job
 
     overrides = [*objective.trial_overrides(sweep, trial), f"seed={seed}"]  # FrozenTrial has .params too
     tags = {"confirm.trial": str(trial.number), "confirm.seed": str(seed), "study": sweep.spec.study,
             "lab.command": "lab train " + shlex.join(overrides)}
     try:
-        metrics = train.run(config.load(overrides), out_dir / "confirm" / f"trial_{trial.number}_seed_{seed}",
+        metrics = job.run(config.load(overrides), out_dir / "confirm" / f"trial_{trial.number}_seed_{seed}",
                             parent_run_id=parent, run_name=f"confirm-{trial.number}-seed-{seed}", tags=tags)
     except Exception as err:  # noqa: BLE001 - one failed seed is a result (its run is FAILED), not the end
         print(f"trial {trial.number} seed {seed}: failed: {type(err).__name__}: {err}")

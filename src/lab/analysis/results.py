@@ -3,9 +3,10 @@ from pathlib import Path
 
 import optuna
 
-from lab import spec, sweep_tracking, tracking
-from lab import study as studies
 from lab.errors import LabError
+from lab.sweep import records, spec
+from lab.sweep import study as studies
+from lab.train import tracking
 from lab.uris import absolute_uri
 
 
@@ -22,7 +23,7 @@ def mlflow_uri() -> str:
 
 
 def parent_run_id(study: optuna.Study) -> str:
-    run_id = study.user_attrs.get(sweep_tracking.PARENT_ATTR)
+    run_id = study.user_attrs.get(records.PARENT_ATTR)
     if not run_id:
         raise LabError(f"study {study.study_name!r} has no MLflow parent run (it was not started by `lab sweep`).")
     return run_id

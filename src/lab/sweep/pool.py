@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lab.errors import LabError
 
+EXIT_HALTED = 3  # a worker that stopped because the sweep's failure limit was reached: done, not crashed
 MAX_RESTARTS = 3  # per slot, deaths not explained by a trial: a worker that keeps dying is left dead
 STOP_GRACE_S = 20
 
@@ -42,7 +43,7 @@ def parse_gpus(arg: str | None, visible: int) -> list[int]:
 
 
 def auto_per_gpu(n_params: int, gpu_memory_bytes: int) -> int:
-    """Trials to pack per GPU. A small model leaves the GPU launch-bound (DESIGN.md: 8 processes on one H100
+    """Trials to pack per GPU. A small model leaves the GPU launch-bound (docs/design.md: 8 processes on one H100
     gave 6.8x one process for the 0.4M-parameter CNN), so pack until the rough memory estimate of a trial
     (weights + grads + two Adam moments, fp32, times 4 for activations and the CUDA context's share)
     would fill half the card, and never more than 8."""
@@ -103,8 +104,9 @@ class Pool:
         for slot in self.slots:
             self._start(slot)
 
-    def poll(self) -> dict[str, int]:
-        """{slot name: exit code} of the workers that crashed since the last poll; each waits for restart()."""
+    def poll(self) -> dict[str, tuple[int, int]]:
+        """{slot name: (exit code, pid)} of the workers that crashed since the last poll; each waits for
+        restart()."""
         crashed = {}
         for slot in self.slots:
             proc = self.procs.get(slot.name)
@@ -113,10 +115,10 @@ class Pool:
             code = proc.poll()
             if code is None:
                 continue
-            if code == 0:
+            if code in (0, EXIT_HALTED):
                 self.finished.add(slot.name)
                 continue
-            crashed[slot.name] = code
+            crashed[slot.name] = (code, proc.pid)
             self.dead.add(slot.name)
         return crashed
 

@@ -6,18 +6,15 @@ import json
 import logging
 import warnings
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from mlflow.entities import Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from lab import study as studies  # noqa: E402
-from lab import tracking  # noqa: E402
-from lab.spec import Sweep  # noqa: E402
+from lab import figures
+from lab.sweep import study as studies
+from lab.sweep.spec import Sweep
+from lab.train import tracking
 
 log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -65,9 +62,9 @@ def tag_run(uri: str, trial: optuna.trial.FrozenTrial | optuna.Trial, state: str
 
 def abandoner(uri: str, max_retries: int):
     """abandon(study, trial, reason) for a trial whose worker is gone: fail it, queue it again within
-    max_retries, and end its MLflow run FAILED (nobody else will). Also RDB storage's stale-trial callback."""
+    max_retries, and end its MLflow run FAILED (nobody else will)."""
 
-    def abandon(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str = "heartbeat lost") -> None:
+    def abandon(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
         again = studies.retry(study, trial, reason, max_retries)
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id and MlflowClient(uri).get_run(run_id).info.status == "RUNNING":
@@ -80,10 +77,10 @@ def abandoner(uri: str, max_retries: int):
 def update_best(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED,
-                                                                           TrialState.FAIL)}
-    for name, n in counts.items():
-        client.log_metric(run_id, f"trials_{name}", n, step=len(trials))
+    counts = studies.counts(study)  # a trial cut off and queued again counts once, as its retry
+    for metric, key in (("trials_complete", "complete"), ("trials_pruned", "pruned"), ("trials_fail", "failed"),
+                        ("trials_retried", "retried")):
+        client.log_metric(run_id, metric, counts[key], step=len(trials))
     if not done:
         return
     best = study.best_trial
@@ -93,14 +90,6 @@ def update_best(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
     client.set_tag(run_id, "best_value", f"{best.value:.6g}")
     if best.user_attrs.get("mlflow_run_id"):
         client.set_tag(run_id, "best_run_id", best.user_attrs["mlflow_run_id"])
-
-
-PLOTS = {
-    "optimization_history": optuna.visualization.matplotlib.plot_optimization_history,
-    "param_importances": optuna.visualization.matplotlib.plot_param_importances,
-    "parallel_coordinate": optuna.visualization.matplotlib.plot_parallel_coordinate,
-    "slice": optuna.visualization.matplotlib.plot_slice,
-}
 
 
 def log_summary(client: MlflowClient, run_id: str, study: optuna.Study) -> list[str]:
@@ -114,22 +103,15 @@ def log_summary(client: MlflowClient, run_id: str, study: optuna.Study) -> list[
         writer.writerows(rows)
         client.log_text(run_id, buf.getvalue(), "trials.csv")
     skipped = []
-    for name, plot in PLOTS.items():
+    for name in figures.STUDY_PLOTS:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "experimental" notices on every matplotlib plot
-                axes = plot(study)
+                fig = figures.study_figure(name, study)
         except (ValueError, RuntimeError, ZeroDivisionError) as err:
             log.info("plot %s skipped: %s", name, err)
             skipped.append(name)
             continue
-        first = axes.flat[0] if hasattr(axes, "flat") else axes
-        fig = first.figure
-        fig.set_size_inches(max(8, fig.get_size_inches()[0]), max(5, fig.get_size_inches()[1]))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # parallel coordinates' colorbar axes are not tight_layout-able
-            fig.tight_layout()
         client.log_figure(run_id, fig, f"plots/{name}.png")
-        plt.close(fig)
     update_best(client, run_id, study)
     return skipped

@@ -2,24 +2,22 @@
 archive: summary, trials table, Optuna's plots, and the best trial's curves, confusion matrix and per-class F1."""
 import base64
 import html
-import io
 import os
 import tempfile
 import warnings
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import optuna  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from optuna.exceptions import ExperimentalWarning  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from lab import results, sweep_tracking  # noqa: E402
+from lab import figures
+from lab.analysis import results
+from lab.sweep import records
+from lab.sweep import study as studies
 
 STUDY_PLOTS = ("optimization_history", "param_importances", "parallel_coordinate")
 CURVES = {"loss": ("train/loss", "val/loss"), "accuracy": ("train/acc", "val/acc")}
@@ -30,16 +28,6 @@ img{max-width:100%;display:block;margin:1em 0}.note{color:#a60}"""
 
 def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
-
-
-def figure_png(fig) -> bytes:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # parallel coordinates' colorbar axes are not tight_layout-able
-        fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def img(png: bytes, alt: str) -> str:
@@ -62,9 +50,9 @@ def table(header: list[str] | None, rows: list[list], left: int = 0) -> str:
 
 def summary(sweep, study: optuna.Study) -> str:
     trials = study.get_trials(deepcopy=False)
-    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
+    counts = {k: v for k, v in studies.counts(study).items() if v}  # a retried trial counts once, as its retry
     rows = [["study", study.study_name], ["metric", sweep.spec.metric], ["direction", sweep.spec.direction],
-            ["trials", len(trials)], *([f"state {k}", v] for k, v in counts.items())]
+            ["trials", len(trials)], *([k, v] for k, v in counts.items())]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:
         best = study.best_trial
@@ -93,13 +81,11 @@ def study_plots(study: optuna.Study) -> str:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                axes = sweep_tracking.PLOTS[name](study)
+                fig = figures.study_figure(name, study, width=9)
             except (ValueError, RuntimeError, ZeroDivisionError) as err:
                 parts.append(note(f"not drawn: {err}"))
                 continue
-        first = axes.flat[0] if hasattr(axes, "flat") else axes
-        first.figure.set_size_inches(9, 5)
-        parts.append(img(figure_png(first.figure), name))
+        parts.append(img(figures.png(fig), name))
         # Optuna says so when it drew from too little (importances "will be equal"): keep that next to the plot.
         parts += [note(f"Optuna: {w.message}") for w in caught
                   if issubclass(w.category, UserWarning) and not issubclass(w.category, ExperimentalWarning)]
@@ -107,7 +93,7 @@ def study_plots(study: optuna.Study) -> str:
 
 
 def learning_curves(client: MlflowClient, run_id: str) -> bytes:
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(10, 4))
+    fig, axes = figures.figure(10, 4, ncols=len(CURVES))
     for ax, (title, names) in zip(axes, CURVES.items()):
         for name in names:
             history = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
@@ -115,15 +101,15 @@ def learning_curves(client: MlflowClient, run_id: str) -> bytes:
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
-    return figure_png(fig)
+    return figures.png(fig)
 
 
 def f1_bars(f1: dict[str, float]) -> bytes:
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.35 * len(f1) + 1)))
+    fig, ax = figures.figure(8, max(2.5, 0.35 * len(f1) + 1))
     ax.barh(list(f1), list(f1.values()))
     ax.set(xlim=(0, 1), xlabel="test F1", title="per-class F1")
     ax.invert_yaxis()
-    return figure_png(fig)
+    return figures.png(fig)
 
 
 def best_section(client: MlflowClient, uri: str, study: optuna.Study) -> str:
@@ -167,7 +153,7 @@ def command(args) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page(sweep, study, client, uri))
     print(f"report: {path}")
-    parent = study.user_attrs.get(sweep_tracking.PARENT_ATTR)
+    parent = study.user_attrs.get(records.PARENT_ATTR)
     if parent:
         client.log_artifact(parent, str(path))
         print(f"logged as report.html on parent run {parent}")

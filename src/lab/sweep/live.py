@@ -7,9 +7,9 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from lab import study as studies
-from lab.pool import Pool
-from lab.spec import Sweep
+from lab.sweep import study as studies
+from lab.sweep.pool import Pool
+from lab.sweep.spec import Sweep
 
 
 def lines(sweep: Sweep, study: optuna.Study, pool: Pool, started: float) -> list[str]:

@@ -14,16 +14,13 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # workers and CI have no display
-import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from lab import figures
 from lab.errors import Interrupted, StopRun  # noqa: E402
 from lab.uris import mask_password  # noqa: E402,F401 - tracking.mask_password is used by callers
 
@@ -74,7 +71,10 @@ def git_state() -> dict[str, str]:
         dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
     except (OSError, subprocess.SubprocessError):
         return {}
-    return {"git.commit": commit, "git.dirty": str(dirty).lower()} if commit else {}
+    if not commit:
+        return {}
+    # mlflow.source.git.commit is what MLflow's UI shows as the run's source version.
+    return {"git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(dirty).lower()}
 
 
 def environment_tags() -> dict[str, str]:
@@ -119,8 +119,7 @@ def log_config(client: MlflowClient, run_id: str, cfg: DictConfig) -> None:
     """Every leaf of the resolved config as a param (full value), plus the whole of it as config.yaml."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     params = [Param(k, v[:MAX_PARAM_CHARS]) for k, v in flatten(resolved).items()]
-    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=params[start : start + 100], synchronous=True)
+    client.log_batch(run_id, params=params, synchronous=True)  # MLflow splits it into requests it accepts
     client.log_text(run_id, mask_password(OmegaConf.to_yaml(resolved)), "config.yaml")
 
 
@@ -143,12 +142,11 @@ def log_test_report(client: MlflowClient, run_id: str, report: dict, step: int) 
     client.log_text(run_id, buf.getvalue(), "confusion_matrix.csv")
 
     side = max(4.0, 0.6 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(side + 1, side))
+    fig, ax = figures.figure(side + 1, side)
     ConfusionMatrixDisplay(np.array(confusion), display_labels=classes).plot(
         ax=ax, cmap="Blues", xticks_rotation=45, colorbar=True, values_format="d"
     )
     ax.set_title("Test confusion matrix (rows: true class)")
     fig.tight_layout()
     client.log_figure(run_id, fig, "confusion_matrix.png")
-    plt.close(fig)
 

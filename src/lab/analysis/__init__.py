@@ -1,0 +1,1 @@
+"""Reading a finished (or running) sweep: `lab confirm` and `lab report`."""

@@ -1,0 +1,163 @@
+"""One worker process: pull the next trial as soon as this one ends, until the study's budget is spent.
+
+Trials are asked and told by hand (not study.optimize) so that the budget check and the ask happen
+under one lock: n_trials is exact even with many workers. On RDB storage a thread keeps the trial's
+heartbeat, since Optuna records heartbeats only inside optimize().
+"""
+import contextlib
+import gc
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from lab.errors import Interrupted
+from lab.sweep import records
+from lab.sweep import study as studies
+from lab.sweep.spec import Sweep
+from lab.train import tracking
+
+log = logging.getLogger(__name__)
+IDLE_POLL_S = 2.0  # a worker waiting for the last running trials checks this often
+CUDA_FATAL = getattr(torch, "AcceleratorError", ())  # torch >= 2.8 raises it for sticky CUDA errors
+
+
+@contextlib.contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial):
+    """Optuna's own heartbeat thread, which optimize() runs around each trial and ask/tell must start itself
+    (a no-op thread where the storage keeps no heartbeats, as a journal file)."""
+    from optuna.storages._heartbeat import get_heartbeat_thread  # optimize()'s; no public name yet
+
+    thread = get_heartbeat_thread(trial._trial_id, study._storage)  # noqa: SLF001
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def describe(stop: Interrupted) -> str:
+    return "Ctrl-C (SIGINT)" if str(stop) == "SIGINT" else str(stop)
+
+
+def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str, uri: str, run_trial) -> str:
+    """Runs the trial with run_trial (objective.run_trial) and tells Optuna how it ended; returns the state name."""
+    state, value, reason = TrialState.FAIL, None, None
+    try:
+        with heartbeat(study, trial):
+            value = run_trial(sweep, trial, parent)
+        state = TrialState.COMPLETE
+    except optuna.TrialPruned as pruned:
+        state, reason = TrialState.PRUNED, str(pruned)
+    except Interrupted as stop:
+        reason = f"interrupted by {describe(stop)}"
+        studies.retry(study, study._storage.get_trial(trial._trial_id), reason)  # noqa: SLF001
+        records.tag_run(uri, trial, "INTERRUPTED", reason)
+        raise
+    except torch.cuda.OutOfMemoryError as err:
+        reason = f"out of memory: {str(err).splitlines()[0]}"
+        free_memory()
+    except Exception as err:  # noqa: BLE001 - a failing trial must not end the sweep
+        reason = f"{type(err).__name__}: {err}"
+        log.warning("trial %d failed: %s", trial.number, reason)
+        if isinstance(err, CUDA_FATAL):  # e.g. a device-side assert: the CUDA context is poisoned for good
+            # End this worker; the pool starts a fresh process (a fresh context) for the next trial.
+            trial.set_user_attr("fail_reason", reason)
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+    if reason:
+        trial.set_user_attr("fail_reason", reason[:2000])
+    study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+    records.tag_run(uri, trial, state.name, reason)
+    return state.name
+
+
+class FailureLimit(Exception):
+    """The sweep's last max_failures trials failed: this worker asks for no new trial."""
+
+    def __init__(self, streak: list[optuna.trial.FrozenTrial]):
+        self.streak = streak
+        super().__init__(f"{len(streak)} trials in a row failed")
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT/SIGTERM wait while a trial is asked for and labelled: a trial is either not created, or
+    created with the host and pid that let a reaper find it. A signal that came meanwhile is raised after."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: float | None = None,
+         threads: int = 0, given: set[str] = frozenset()) -> int:
+    """Returns the number of trials this worker ran; raises FailureLimit when the sweep's failure limit stops
+    it. The command installs the signal handlers that turn SIGINT/SIGTERM into Interrupted."""
+    # Not at the top: Lightning costs ~7 s of imports, paid here before a trial's clock starts.
+    from lab.sweep import objective
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    uri = tracking.tracking_uri()
+    abandon = records.abandoner(uri, sweep.spec.max_retries)
+    study = studies.create_or_resume(sweep, storage, worker_id, join=True, given=set(given))
+    parent = records.parent_run(study, sweep, uri, storage)
+    # Recorded in each trial's overrides (threads=N): a replay on this machine sums in the same order.
+    threads = threads or torch.get_num_threads()
+    host, ran = socket.gethostname(), 0
+    while True:
+        trial = None
+        try:
+            with signals_held(), studies.budget_lock(storage, sweep.spec.study):
+                studies.reap(study, storage, lambda t, why: abandon(study, t, why))
+                if deadline is not None and time.time() >= deadline:
+                    log.info("timeout reached: no new trials")
+                    break
+                streak = studies.failure_streak(sweep, study)
+                if streak:
+                    raise FailureLimit(streak)
+                if studies.done(sweep, study, study.sampler) and not studies.queued_retries(study):
+                    # Stay while others run: a trial whose worker died is retried once it is found stale.
+                    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                        break
+                else:
+                    trial = study.ask(sweep.space)  # a queued retry first: its budget was counted already
+                    for key, value in {"host": host, "pid": os.getpid(), "worker": worker_id, "threads": threads,
+                                       "device": os.environ.get("CUDA_VISIBLE_DEVICES", "cpu") or "cpu",
+                                       "checkpoint_dir": str(out_dir / f"trial_{trial.number:04d}" / "checkpoints"),
+                                       }.items():
+                        trial.set_user_attr(key, value)
+            if trial is None:
+                time.sleep(IDLE_POLL_S)
+                continue
+            state = run_one(sweep, study, trial, parent, uri, objective.run_trial)
+        except Interrupted as stop:
+            # Between the ask and the trial's own handling (run_one queues its trial again itself).
+            if trial is not None:
+                frozen = study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+                if frozen.state == TrialState.RUNNING:
+                    studies.retry(study, frozen, f"interrupted by {describe(stop)}")
+            raise
+        ran += 1
+        log.info("trial %d %s", trial.number, state)
+        records.update_best(MlflowClient(uri), parent, study)
+    return ran
+
+
+def deadline_from(timeout: float | None, started: float) -> float | None:
+    return None if timeout is None else started + timeout  # spec.check_spec refused a timeout <= 0

@@ -1,0 +1,153 @@
+"""Plain nn.Modules. Each takes in_shape=(C, H, W) and num_classes from the datamodule at build time."""
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from lab.errors import LabError
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU}
+INITS = ("default", "he", "xavier")
+
+
+def make_activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise LabError(f"activation={name!r} is not known: choose one of {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]()
+
+
+def initialize(module: nn.Module, scheme: str) -> None:
+    """He (Kaiming) suits ReLU-family layers, Xavier (Glorot) suits tanh/sigmoid; biases start at zero."""
+    if scheme not in INITS:
+        raise LabError(f"init={scheme!r} is not known: choose one of {list(INITS)}.")
+    if scheme == "default":
+        return
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if scheme == "he":
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def dense_stack(n_in: int, hidden: list[int], act: str, dropout: float) -> tuple[nn.Sequential, int]:
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(n_in, width), make_activation(act)] + ([nn.Dropout(dropout)] if dropout else [])
+        n_in = width
+    return nn.Sequential(*layers), n_in
+
+
+class Linear(nn.Module):
+    """Flatten -> one affine layer -> class logits (softmax lives in the loss)."""
+
+    def __init__(self, in_shape, num_classes: int, init: str = "default"):
+        super().__init__()
+        c, h, w = in_shape
+        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, num_classes))
+        initialize(self, init)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class MLP(nn.Module):
+    def __init__(self, in_shape, num_classes: int, hidden: list[int] = (128,), activation: str = "relu",
+                 dropout: float = 0.0, init: str = "he"):
+        super().__init__()
+        c, h, w = in_shape
+        body, width = dense_stack(c * h * w, list(hidden), activation, dropout)
+        self.layers = nn.Sequential(nn.Flatten(), body, nn.Linear(width, num_classes))
+        initialize(self, init)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class CNN(nn.Module):
+    """Blocks of conv(3x3, same padding) -> [batch norm] -> activation -> 2x2 pool; then dense layers.
+
+    Each block halves H and W, so an image side must be at least 2**len(channels).
+    """
+
+    def __init__(self, in_shape, num_classes: int, channels: list[int] = (32, 64), kernel_size: int = 3,
+                 batch_norm: bool = True, pool: str = "max", hidden: list[int] = (128,),
+                 activation: str = "relu", dropout: float = 0.25, init: str = "he"):
+        super().__init__()
+        c, h, w = in_shape
+        channels = list(channels)
+        need = 2 ** len(channels)
+        if min(h, w) < need:
+            raise LabError(
+                f"image size {h}x{w} is too small for a CNN with {len(channels)} pooling blocks: each halves the "
+                f"side, so it needs at least {need}x{need}. Raise data.image_size or use fewer model.net.channels."
+            )
+        if kernel_size % 2 == 0:  # padding k//2 keeps the side only for odd k; the sizes below assume it does
+            raise LabError(f"model.net.kernel_size={kernel_size} is not valid: use an odd size (3, 5, 7).")
+        pools = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+        if pool not in pools:
+            raise LabError(f"pool={pool!r} is not known: choose one of {sorted(pools)}.")
+        blocks: list[nn.Module] = []
+        for out in channels:
+            blocks += [nn.Conv2d(c, out, kernel_size, padding=kernel_size // 2, bias=not batch_norm)]
+            blocks += [nn.BatchNorm2d(out)] if batch_norm else []
+            blocks += [make_activation(activation), pools[pool](2)]
+            c, h, w = out, h // 2, w // 2
+        body, width = dense_stack(c * h * w, list(hidden), activation, dropout)
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Flatten(), body, nn.Linear(width, num_classes))
+        initialize(self, init)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class ResNet(nn.Module):
+    """torchvision ResNet with a new head. weights: null (random), a torchvision weights name such as
+    "IMAGENET1K_V1" (needs the hub cache or a network), or a path to a local state_dict file."""
+
+    ARCHS = ("resnet18", "resnet34", "resnet50")
+    MIN_SIDE = 32  # pixels: five stride-2 stages take 32 down to 1x1 before the pooling head
+
+    def __init__(self, in_shape, num_classes: int, arch: str = "resnet18", weights: str | None = None,
+                 freeze: str = "none", dropout: float = 0.0):
+        super().__init__()
+        if arch not in self.ARCHS:
+            raise LabError(f"model.net.arch={arch!r} is not known: choose one of {list(self.ARCHS)}.")
+        if freeze not in ("none", "backbone"):
+            raise LabError(f"model.net.freeze={freeze!r} is not valid: choose 'none' or 'backbone'.")
+        local = weights is not None and Path(str(weights)).expanduser().is_file()
+        try:
+            self.model = torchvision.models.get_model(arch, weights=None if local else weights)
+        except KeyError as err:  # torchvision's whole message for a wrong name or a missing file: KeyError('x')
+            names = [w.name for w in torchvision.models.get_model_weights(arch)]
+            raise LabError(f"model.net.weights={weights} is neither a file nor a weights name of {arch}: use a "
+                           f"path to a state_dict file, null, or one of {names}.") from err
+        if local:
+            state = torch.load(Path(str(weights)).expanduser(), map_location="cpu", weights_only=True)
+            try:
+                self.model.load_state_dict(state)
+            except RuntimeError as err:  # keys or shapes of another architecture
+                raise LabError(f"model.net.weights={weights} does not fit {arch}: {err}") from err
+        if in_shape[0] != 3:  # grayscale input: a first conv for C channels, pretrained filters summed over RGB
+            old = self.model.conv1
+            self.model.conv1 = nn.Conv2d(in_shape[0], old.out_channels, old.kernel_size, old.stride, old.padding,
+                                         bias=False)
+            with torch.no_grad():
+                self.model.conv1.weight.copy_(old.weight.sum(1, keepdim=True).expand_as(self.model.conv1.weight))
+        if freeze == "backbone":
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        features = self.model.fc.in_features
+        self.model.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
+
+    @property
+    def backbone(self) -> nn.Module:
+        """Everything but the new head, for freezing (BackboneFinetuning) or a lower learning rate."""
+        return nn.ModuleList(m for name, m in self.model.named_children() if name != "fc")
+
+    def forward(self, x):
+        return self.model(x)

@@ -1,0 +1,122 @@
+"""The package's layers: imports run one way (analysis -> sweep -> train -> data), and the import paths that
+configs logged before the layout existed still name classes that train."""
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+import lab
+
+SRC = Path(lab.__file__).resolve().parent
+# What each part of the package must not import (a package name forbids its modules too).
+FORBIDDEN = {
+    "data": ("lab.train", "lab.sweep", "lab.analysis", "lab.cli", "lab.server"),
+    "train": ("lab.sweep", "lab.analysis", "lab.cli", "lab.server"),
+    "sweep": ("lab.analysis", "lab.cli", "lab.server"),
+    "analysis": ("lab.cli", "lab.sweep.commands", "lab.server"),
+    "config.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
+    "errors.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
+    "uris.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
+    "figures.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
+}
+
+
+def imported(path: Path) -> set[str]:
+    """Every lab module a file imports, at the top or inside a function (`from lab.x import y` counts as lab.x
+    and lab.x.y, since y may be a module)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in names if n == "lab" or n.startswith("lab.")}
+
+
+def files_of(part: str) -> list[Path]:
+    return sorted((SRC / part).rglob("*.py")) if (SRC / part).is_dir() else [SRC / part]
+
+
+@pytest.mark.parametrize("part", sorted(FORBIDDEN))
+def test_imports_run_one_way(part):
+    wrong = {}
+    for path in files_of(part):
+        bad = sorted(n for n in imported(path) for f in FORBIDDEN[part] if n == f or n.startswith(f + "."))
+        if bad:
+            wrong[str(path.relative_to(SRC))] = bad
+    assert not wrong, f"imports that run up the layers: {wrong}"
+
+
+def test_the_checker_sees_a_back_call(tmp_path):
+    """The rule above can fail: a data module that imports the sweep layer, even inside a function, is seen."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from lab.sweep import study\n    return study\n")
+    assert "lab.sweep.study" in imported(bad)
+
+
+def test_every_module_is_in_a_layer():
+    parts = {p.name for p in SRC.iterdir() if p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists())}
+    shims_and_top = {"__init__.py", "cli.py", "server.py", "module.py", "nets.py"}
+    assert parts - shims_and_top <= set(FORBIDDEN), "a new top-level module: give it a layer in FORBIDDEN"
+
+
+OLD_EXPORT = """\
+# @package _global_
+# An experiment exported by `lab best` before lab/train/ existed: its targets use the old import paths.
+defaults:
+  - override /data: digits
+  - override /model: mlp
+  - _self_
+model:
+  _target_: lab.module.Classifier
+  net:
+    _target_: lab.nets.MLP
+    hidden: [32]
+trainer:
+  max_epochs: 1
+"""
+
+
+@pytest.fixture
+def old_export(workdir):
+    tmp, env = workdir
+    (tmp / "conf" / "experiment" / "old_best.yaml").write_text(OLD_EXPORT)
+    return tmp, env
+
+
+def test_old_target_names_still_build(old_export, monkeypatch):
+    from lab import config
+    from lab.train import job, module, nets
+
+    tmp, env = old_export
+    monkeypatch.setenv("LAB_CONF_DIR", env["LAB_CONF_DIR"])
+    cfg = config.load(["experiment=old_best"])
+    assert cfg.model._target_ == "lab.module.Classifier"
+    _, model = job.build(cfg)
+    assert isinstance(model, module.Classifier) and isinstance(model.net, nets.MLP)
+
+
+@pytest.mark.slow
+def test_old_export_trains_with_lab_train(old_export, lab):
+    from mlflow.tracking import MlflowClient
+
+    tmp, env = old_export
+    done = lab("train", "experiment=old_best", "mlflow.experiment=old", "trainer.enable_progress_bar=false")
+    assert done.returncode == 0, done.stderr
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("old").experiment_id])
+    assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+    logged = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp))).read_text())
+    assert logged["model"]["net"]["_target_"] == "lab.nets.MLP"
+
+
+def test_design_doc_exists_and_code_points_to_it():
+    doc = SRC.parents[1] / "docs" / "design.md"
+    if not doc.is_file():
+        pytest.skip("installed without the repository's docs/")
+    text = doc.read_text()
+    for section in ("## 1. Layers", "LastCheckpoint", "advisory lock", "make bench"):
+        assert section in text
+    comments = "".join(p.read_text() for p in SRC.rglob("*.py"))
+    assert "docs/design.md" in comments and "DESIGN.md" not in comments.replace("docs/design.md", "")
