@@ -83,3 +83,14 @@ def test_misspelt_command_gets_a_suggestion():
 def test_leading_tilde_in_an_override_value_is_the_home_folder(arg, expanded, monkeypatch):
     monkeypatch.setenv("HOME", "/home/me")
     assert expand_home([arg]) == [expanded.format(home="/home/me")]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--cfg", "job"], ["--cfg", "job", "X"]),
+    (["--cfg", "job", "data=digits"], ["--cfg", "job", "X", "data=digits"]),
+    (["data=digits", "--cfg", "job"], ["X", "data=digits", "--cfg", "job"]),
+])
+def test_lab_train_puts_its_own_override_among_the_users(argv, expected):
+    from lab.cli import with_overrides
+
+    assert with_overrides(argv, ["X"]) == expected

@@ -158,3 +158,48 @@ def test_grid_workers_agree_on_what_each_grid_id_is(tmp_path):
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
     for t in trials:
         assert a.sampler._all_grids[t.system_attrs["grid_id"]] == tuple(t.params[n] for n in a.sampler._param_names)
+
+
+def test_merged_overrides_keep_the_last_value_and_a_plus_that_added_the_key():
+    assert spec.merge_overrides(["trainer.max_epochs=10", "a=1"], ["trainer.max_epochs=1"]) == ["a=1",
+                                                                                                "trainer.max_epochs=1"]
+    assert spec.merge_overrides(["+mlflow.note=a"], ["mlflow.note=b"]) == ["+mlflow.note=b"]
+
+
+def test_failures_count_towards_the_budget_only_without_a_failure_limit(tmp_path):
+    from optuna.trial import TrialState
+
+    from lab.sweep import study as studies
+
+    sweep = spec.load(write(tmp_path, "model.optimizer.lr: {type: float, low: 1.0e-3, high: 1.0e-1}\n"), check=False)
+    study = studies.create_or_resume(sweep, str(tmp_path / "study.journal"))
+    studies.begin_launch(sweep, study)
+    for _ in range(4):
+        study.tell(study.ask(sweep.space), state=TrialState.FAIL)
+    assert studies.used_budget(study) == 0 and not studies.done(sweep, study)
+    assert len(studies.failure_streak(sweep, study)) == 0  # 4 < max_failures=5
+    sweep.spec.max_failures = 0  # never stop on failures: then they use the budget, or the sweep never ends
+    assert studies.done(sweep, study)
+
+
+def test_a_worker_joins_only_a_study_that_exists_and_adopts_its_settings(tmp_path):
+    from lab.sweep import study as studies
+
+    path = write(tmp_path, "model.optimizer.lr: {type: float, low: 1.0e-3, high: 1.0e-1}\n")
+    storage = str(tmp_path / "study.journal")
+    with pytest.raises(LabError, match="--prepare"):
+        studies.create_or_resume(spec.load(path, check=False), storage, join=True)
+    assert not (tmp_path / "study.journal").exists()  # refused, and nothing was created
+    parent = spec.load(path, ["trainer.max_epochs=3"], n_trials=9, check=False)
+    studies.begin_launch(parent, studies.create_or_resume(parent, storage))
+    joined = spec.load(path, check=False)  # `lab worker FILE` with nothing else on its command line
+    studies.create_or_resume(joined, storage, join=True, given=set())
+    assert joined.spec.n_trials == 9 and "trainer.max_epochs=3" in joined.base_overrides
+
+
+def test_the_budget_lock_is_not_optunas_own_lock_file(tmp_path):
+    from lab.sweep import study as studies
+
+    storage = str(tmp_path / "study.journal")
+    with studies.budget_lock(storage, "s"):
+        assert (tmp_path / "study.journal.budget.lock").exists() and not (tmp_path / "study.journal.lock").exists()

@@ -98,8 +98,8 @@ def test_cfg_job_prints_config(cli):
 # optimizer (and fail mid-fit, or train) quickly, without a download.
 SMALL = ["data=synthetic", "data.n_train=64", "data.n_test=16", "trainer.max_epochs=1", *QUIET]
 FIRST_CONTACT = {
-    "lr_negative": ([*SMALL, "model.optimizer.lr=-0.01"], ["model.optimizer.lr=-0.01", "a number > 0"]),
-    "lr_not_a_number": ([*SMALL, "model.optimizer.lr=abc"], ["model.optimizer.lr='abc'", "a number > 0"]),
+    "lr_negative": ([*SMALL, "model.optimizer.lr=-0.01"], ["model.optimizer.lr=-0.01", "a number >= 0"]),
+    "lr_not_a_number": ([*SMALL, "model.optimizer.lr=abc"], ["model.optimizer.lr='abc'", "a number >= 0"]),
     "weight_decay_negative": ([*SMALL, "model.optimizer.weight_decay=-1"],
                               ["model.optimizer.weight_decay=-1", ">= 0"]),
     "momentum_too_large": ([*SMALL, "optimizer=sgd", "model.optimizer.momentum=1.5"],

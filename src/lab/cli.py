@@ -156,6 +156,13 @@ def hydra_error_message(err: BaseException) -> str | None:
     return " ".join(lines) or type(err).__name__
 
 
+def with_overrides(argv: list[str], extra: list[str]) -> list[str]:
+    """extra placed among the user's overrides: Hydra's argparse takes its overrides as one run of
+    positionals, so `--cfg job a=1 EXTRA` works and `a=1 --cfg job EXTRA` would not."""
+    first = next((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), len(argv))
+    return [*argv[:first], *extra, *argv[first:]]
+
+
 def train_command(argv: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -173,7 +180,7 @@ def train_command(argv: list[str]) -> None:
                 raise
             fail(user_error(err))
 
-    sys.argv = ["lab train", *expand_home(argv), *config.search_path_override()]
+    sys.argv = ["lab train", *with_overrides(expand_home(argv), config.search_path_override())]
     signal.signal(signal.SIGTERM, raise_interrupted)  # the run ends KILLED, the exit status says so
     # Without HYDRA_FULL_ERROR, Hydra prints its own errors and exits 1; with it, they reach the except below.
     # Whoever set it already wants full tracebacks, and keeps them.

@@ -145,6 +145,7 @@ class Sweep:
     base_overrides: list[str]
     cli_overrides: list[str] = field(default_factory=list)  # the command line's part of base_overrides
     notes: list[str] = field(default_factory=list)  # said once before the sweep starts
+    typed: str = ""  # the file as the user named it (`quickstart` for a shipped one), for messages
 
     @property
     def grid_size(self) -> int | None:
@@ -194,7 +195,7 @@ def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None
          max_failures: int | None = None, max_retries: int | None = None) -> Sweep:
     """check=False skips composing the config per parameter (workers the parent already checked for).
     n_trials, max_failures, max_retries: command-line values that replace the file's."""
-    path = find(Path(path))
+    typed, path = str(path), find(Path(path))
     try:
         raw = OmegaConf.load(path)
     except yaml.YAMLError as err:
@@ -213,7 +214,8 @@ def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None
     check_spec(spec, path)
     space = {name: distribution(name, p) for name, p in spec.params.items()}
     exp = [f"experiment={spec.experiment}"] if spec.experiment else []
-    sweep = Sweep(spec, path, space, merge_overrides(exp, spec.overrides, list(extra_overrides)), list(extra_overrides))
+    sweep = Sweep(spec, path, space, merge_overrides(exp, spec.overrides, list(extra_overrides)), list(extra_overrides),
+                  typed=typed)
     if check:
         check_paths(sweep)
     for i, values in enumerate(spec.enqueue):

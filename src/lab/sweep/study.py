@@ -98,7 +98,7 @@ def load(sweep: Sweep, storage: str, command: str = "lab sweep") -> optuna.Study
     try:
         study = optuna.load_study(study_name=sweep.spec.study, storage=open_storage(storage, create=False))
     except KeyError as err:
-        raise LabError(f"no study {sweep.spec.study!r} in {mask_password(storage)}: run `{command} {sweep.path}` "
+        raise LabError(f"no study {sweep.spec.study!r} in {mask_password(storage)}: run `{command} {sweep.typed or sweep.path}` "
                        "first, or pass --storage/--out/--study where it ran.") from err
     adopt(sweep, study)
     return study
@@ -222,11 +222,14 @@ def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, r
     """`lab sweep`: create the study, or check that the stored one is the same experiment (space, metric,
     overrides), and store this launch's budget settings. join=True (`lab worker`): the study must exist;
     the overrides and the budget settings not in `given` (command-line options) are taken from it."""
-    store = open_storage(storage, repair)
-    names = {s.study_name for s in optuna.study.get_all_study_summaries(store, include_best_trial=False)}
+    try:
+        store = open_storage(storage, repair, create=not join)  # a worker creates no journal or database file
+        names = {s.study_name for s in optuna.study.get_all_study_summaries(store, include_best_trial=False)}
+    except KeyError:
+        names, store = set(), None
     if join and sweep.spec.study not in names:
         raise LabError(f"no study {sweep.spec.study!r} in {mask_password(storage)}: a worker joins a study that "
-                       f"exists; create it with `lab sweep {sweep.path} --prepare` (same --storage) first.")
+                       f"exists; create it with `lab sweep {sweep.typed or sweep.path} --prepare` (same --storage) first.")
     study = optuna.create_study(study_name=sweep.spec.study, storage=store, sampler=make_sampler(sweep, worker_id),
                                 pruner=make_pruner(sweep), direction=sweep.spec.direction, load_if_exists=True)
     stored = study.user_attrs
