@@ -61,13 +61,14 @@ def test_workers_on_separate_hosts_share_one_postgres_study(workdir, lab, start_
     assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "FAILED"
 
 
-LOAD = """
+N_LOAD = 32  # 4 trials per worker: every worker asks, runs and tells under load, and the suite stays short
+LOAD = f"""
 metric: val/acc
-n_trials: 64
-sampler: {name: random, seed: 0}
+n_trials: {N_LOAD}
+sampler: {{name: random, seed: 0}}
 params:
-  model.optimizer.lr: {type: float, low: 1.0e-3, high: 1.0e-1, log: true}
-  model.net.dropout: {type: float, low: 0.0, high: 0.3}
+  model.optimizer.lr: {{type: float, low: 1.0e-3, high: 1.0e-1, log: true}}
+  model.net.dropout: {{type: float, low: 0.0, high: 0.3}}
 """
 TINY = ("data.n_train=96", "data.n_test=32", "model.net.hidden=[8]", "trainer.max_epochs=1", "data.batch_size=32")
 METRICS = {"train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "test/loss", "test/acc",
@@ -76,10 +77,10 @@ METRICS = {"train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "te
 
 def check_load(tmp, env, study_name, journal, children):
     trials = journal(tmp, study_name).get_trials()
-    assert len(trials) == 64 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len(trials) == N_LOAD and all(t.state == TrialState.COMPLETE for t in trials)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = children(client, journal(tmp, study_name).user_attrs["mlflow_parent_run_id"])
-    assert len(runs) == 64
+    assert len(runs) == N_LOAD
     for run in runs:
         assert METRICS <= set(run.data.metrics), run.info.run_id
         assert run.info.status == "FINISHED"
@@ -89,7 +90,7 @@ def check_load(tmp, env, study_name, journal, children):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("through", ["sqlite", "mlflow_server"])
-def test_eight_workers_sixty_four_trials(workdir, lab, sweep_file, journal, children, free_port, through):
+def test_eight_workers_share_one_study_under_load(workdir, lab, sweep_file, journal, children, free_port, through):
     tmp, env = workdir
     path = sweep_file(tmp / "load.yaml", f"load_{through}", LOAD, extra=TINY)
     args = ["sweep", path, "--workers", "8", "--no-live"]

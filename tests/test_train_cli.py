@@ -37,6 +37,19 @@ GOOD = {
 }
 
 
+def collect(procs: dict, start: float, budget_s: float = 600) -> dict:
+    """{name: (returncode, stdout, stderr, cwd)} of processes started in parallel, within budget_s in all."""
+    results = {}
+    for name, (proc, cwd) in procs.items():
+        try:
+            out, err = proc.communicate(timeout=max(1, budget_s - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        results[name] = (proc.returncode, out, err, cwd)
+    return results
+
+
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory, lab_exe):
     """Runs every command of this module at once (they are mostly import time) and collects the results."""
@@ -49,15 +62,7 @@ def cli(tmp_path_factory, lab_exe):
         extra = QUIET if "--cfg" not in args else []
         procs[name] = (subprocess.Popen([lab_exe, "train", *args, *extra], cwd=cwd, env=env, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE), cwd)
-    results, start = {}, time.monotonic()
-    for name, (proc, cwd) in procs.items():
-        try:
-            out, err = proc.communicate(timeout=max(1, 600 - (time.monotonic() - start)))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        results[name] = (proc.returncode, out, err, cwd)
-    return results
+    return collect(procs, start=time.monotonic())
 
 
 def test_train_one_epoch(cli):
@@ -136,15 +141,7 @@ def first_contact(tmp_path_factory):
         env.update(MLFLOW_TRACKING_URI=f"sqlite:///{cwd / 'mlflow.db'}", HOME=str(cwd))
         procs[name] = (subprocess.Popen([sys.executable, "-m", "lab.cli", *args], cwd=cwd, env=env, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE), cwd)
-    results = {}
-    for name, (proc, cwd) in procs.items():
-        try:
-            out, err = proc.communicate(timeout=max(1, 600 - (time.monotonic() - start)))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        results[name] = (proc.returncode, out, err, cwd)
-    return results
+    return collect(procs, start)
 
 
 @pytest.mark.parametrize("name", FIRST_CONTACT)
