@@ -50,7 +50,7 @@ def table(header: list[str] | None, rows: list[list], left: int = 0) -> str:
 
 def summary(sweep, study: optuna.Study) -> str:
     trials = study.get_trials(deepcopy=False)
-    counts = {k: v for k, v in studies.counts(study).items() if v}  # a retried trial counts once, as its retry
+    counts = {k: v for k, v in studies.counts(trials).items() if v}  # a retried trial counts once, as its retry
     rows = [["study", study.study_name], ["metric", sweep.spec.metric], ["direction", sweep.spec.direction],
             ["trials", len(trials)], *([k, v] for k, v in counts.items())]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]

@@ -14,7 +14,7 @@ from lab.sweep.spec import Sweep
 
 def lines(sweep: Sweep, study: optuna.Study, pool: Pool, started: float) -> list[str]:
     trials = study.get_trials(deepcopy=False)
-    n = studies.counts(study)  # a trial cut off and queued again counts once, as its retry
+    n = studies.counts(trials)  # a trial cut off and queued again counts once, as its retry
     elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - started))
     out = [f"{sweep.spec.study}  complete {n['complete']}  running {n['running']}  pruned {n['pruned']}"
            f"  failed {n['failed']}" + (f"  queued again {n['retried']}" if n["retried"] else "")

@@ -77,7 +77,7 @@ def abandoner(uri: str, max_retries: int):
 def update_best(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    counts = studies.counts(study)  # a trial cut off and queued again counts once, as its retry
+    counts = studies.counts(trials)  # a trial cut off and queued again counts once, as its retry
     for metric, key in (("trials_complete", "complete"), ("trials_pruned", "pruned"), ("trials_fail", "failed"),
                         ("trials_retried", "retried")):
         client.log_metric(run_id, metric, counts[key], step=len(trials))

@@ -283,9 +283,8 @@ def retried(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
     return {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
 
 
-def counts(study: optuna.Study) -> dict[str, int]:
+def counts(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
     """complete, pruned, running, failed (for good), retried (cut off and queued again), waiting."""
-    trials = study.get_trials(deepcopy=False)
     again = retried(trials)
     out = dict.fromkeys(("complete", "pruned", "running", "failed", "retried", "waiting"), 0)
     for t in trials:
@@ -324,9 +323,9 @@ def failure_streak(sweep: Sweep, study: optuna.Study) -> list[optuna.trial.Froze
     if not sweep.spec.max_failures:
         return []
     launch = study.user_attrs.get(LAUNCH_ATTR, -1)
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-    again = retried(study.get_trials(deepcopy=False))
-    ended = sorted((t for t in trials if t.number > launch and t.number not in again),
+    trials = study.get_trials(deepcopy=False)
+    again = retried(trials)
+    ended = sorted((t for t in trials if t.state.is_finished() and t.number > launch and t.number not in again),
                    key=lambda t: (t.datetime_complete.timestamp() if t.datetime_complete else 0.0, t.number))
     run: list[optuna.trial.FrozenTrial] = []
     for t in ended:
