@@ -4,7 +4,6 @@ import signal
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -92,22 +91,6 @@ def test_ctrl_c_stops_marks_and_the_same_command_resumes(workdir, lab, start_lab
     assert client.get_run(parent).info.status == "FINISHED"
 
 
-def test_torn_journal_line_is_set_aside(tmp_path):
-    path = tmp_path / "study.journal"
-    study = optuna.create_study(study_name="s", storage=studies.open_storage(str(path)))
-    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
-    with open(path, "ab") as f:
-        f.write(b'{"op_code": 4, "worker_id": "torn-by-a-cra')  # a write cut short by a crash
-
-    aside = studies.repair_journal(path)
-    assert aside is not None and aside.read_bytes().startswith(b'{"op_code": 4')
-    study = optuna.load_study(study_name="s", storage=studies.open_storage(str(path)))
-    assert len(study.get_trials()) == 3
-    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)  # appending works again
-    assert len(optuna.load_study(study_name="s", storage=studies.open_storage(str(path))).get_trials()) == 4
-    assert studies.repair_journal(path) is None  # a clean journal is left alone
-
-
 def test_resuming_with_a_changed_sweep_is_refused(tmp_path):
     path = tmp_path / "s.yaml"
     base = ("study: same\noverrides: [data=synthetic, model=mlp]\nmetric: val/acc\ndirection: maximize\n"
@@ -117,9 +100,12 @@ def test_resuming_with_a_changed_sweep_is_refused(tmp_path):
     studies.create_or_resume(spec.load(path), storage)
     for changed, named in [(base.replace("maximize", "minimize"), "direction"),
                            (base.replace("metric: val/acc", "metric: val/loss"), "metric"),
-                           (base.replace("high: 1.0e-1", "high: 0.5"), "space")]:
+                           (base.replace("high: 1.0e-1", "high: 0.5"), "space"),
+                           (base + "sampler: {name: random, seed: 0}\n", "sampler"),
+                           (base + "pruner: {name: median}\n", "pruner"),
+                           (base.replace("model=mlp]", "model=mlp, trainer.max_epochs=9]"), "the overrides")]:
         path.write_text(changed)
-        with pytest.raises(LabError, match=f"created with {named}="):
+        with pytest.raises(LabError, match=f"created with {named}"):
             studies.create_or_resume(spec.load(path), storage)
     path.write_text(base)
     studies.create_or_resume(spec.load(path), storage)  # the unchanged file resumes

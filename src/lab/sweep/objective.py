@@ -7,7 +7,7 @@ import optuna
 import pytorch_lightning as pl
 
 from lab import config
-from lab.errors import LabError, StopRun
+from lab.errors import StopRun
 from lab.sweep.spec import Sweep
 from lab.sweep.study import RESUME_FROM
 from lab.train import job
@@ -57,12 +57,8 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, parent_run_id: str | None) -> f
     try:
         metrics = job.run(cfg, Path(trial.user_attrs["checkpoint_dir"]).parent,
                             (PruningCallback(trial, sweep.spec.metric),), parent_run_id=parent_run_id,
-                            run_name=f"trial-{trial.number}", tags=tags, on_run=record_run, resume_from=resume_from)
+                            run_name=f"trial-{trial.number}", tags=tags, on_run=record_run, resume_from=resume_from,
+                            require=sweep.spec.metric)  # missing or non-finite: the run ends FAILED, as the trial
     except Pruned as pruned:
         raise optuna.TrialPruned(str(pruned)) from pruned
-    if sweep.spec.metric not in metrics:
-        raise LabError(f"metric {sweep.spec.metric!r} was not logged; logged: {sorted(metrics)}")
-    value = metrics[sweep.spec.metric]
-    if not math.isfinite(value):  # Optuna would store inf as COMPLETE
-        raise Diverged(f"{sweep.spec.metric} is {value}")
-    return value
+    return metrics[sweep.spec.metric]

@@ -96,6 +96,10 @@ def distribution(name: str, p: ParamSpec) -> optuna.distributions.BaseDistributi
             return optuna.distributions.CategoricalDistribution([encode_choice(c) for c in p.choices])
         if p.low is None or p.high is None:
             raise LabError(f"params.{name} ({p.type}) needs both low and high.")
+        bad = [f"{k}={v}" for k, v in (("low", p.low), ("high", p.high), ("step", p.step))
+               if v is not None and not math.isfinite(v)]
+        if bad:
+            raise LabError(f"params.{name}: {', '.join(bad)} is not valid: bounds and steps are finite numbers.")
         if p.log and p.low <= 0:
             raise LabError(f"params.{name}: log=true needs low > 0, got low={p.low}.")
         if p.log and p.step is not None:

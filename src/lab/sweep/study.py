@@ -9,17 +9,16 @@ import json
 import logging
 import os
 import socket
-import time
 import uuid
 import zlib
 from pathlib import Path
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from lab.errors import LabError
+from lab.sweep import journal
 from lab.sweep.spec import Sweep, grid_values, override_key
 from lab.uris import is_rdb, mask_password
 
@@ -52,26 +51,6 @@ def locate(sweep: Sweep, storage: str | None = None, out: str | None = None) -> 
     return out_dir, storage
 
 
-def repair_journal(path: Path) -> Path | None:
-    """A crash or a full disk mid-write leaves a torn last line; the next append would glue a valid record
-    onto it and make the whole study unreadable. Move the torn bytes aside; returns where they went."""
-    if not path.is_file():
-        return None
-    with open(path, "rb") as f:
-        data = f.read()
-    cut = data.rfind(b"\n") + 1
-    torn = data[cut:]
-    if not torn:
-        return None
-    aside = path.with_name(f"{path.name}.torn-{int(time.time())}")
-    aside.write_bytes(torn)
-    with open(path, "r+b") as f:
-        f.truncate(cut)
-    log.warning("journal %s ended in a torn line (%d bytes, crash during a write?): moved it to %s; "
-                "all complete records are kept", path, len(torn), aside)
-    return aside
-
-
 def open_storage(storage: str, repair: bool = False, create: bool = True):
     """create=False: a journal or SQLite file that does not exist is an error, not a new empty study."""
     if is_rdb(storage) and not create and storage.startswith("sqlite:///"):
@@ -84,12 +63,13 @@ def open_storage(storage: str, repair: bool = False, create: bool = True):
         except Exception as err:  # noqa: BLE001 - unreachable server, bad driver, bad URL
             raise LabError(f"cannot open Optuna storage {mask_password(storage)}: {err}") from err
     path = Path(storage)
+    journal.check(path)  # before anything could modify it
     if not create and not path.is_file():
         raise KeyError(storage)
     path.parent.mkdir(parents=True, exist_ok=True)
     if repair:  # only where no worker is writing yet: the parent before it starts them
-        repair_journal(path)
-    return JournalStorage(JournalFileBackend(str(path)))
+        journal.repair(path)
+    return JournalStorage(journal.Journal(str(path)))
 
 
 def load(sweep: Sweep, storage: str, command: str = "lab sweep") -> optuna.Study:
@@ -214,7 +194,9 @@ def make_pruner(sweep: Sweep) -> optuna.pruners.BasePruner:
 
 def identity(sweep: Sweep) -> dict[str, str]:
     """What a study may not change between launches: resuming under another one would mix results."""
-    return {"lab.metric": sweep.spec.metric, "lab.direction": sweep.spec.direction, "lab.space": sweep.space_json()}
+    return {"lab.metric": sweep.spec.metric, "lab.direction": sweep.spec.direction, "lab.space": sweep.space_json(),
+            "lab.sampler": json.dumps(sweep.spec.sampler, sort_keys=True),
+            "lab.pruner": json.dumps(sweep.spec.pruner, sort_keys=True)}
 
 
 def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, repair: bool = False,
@@ -235,6 +217,10 @@ def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, r
     stored = study.user_attrs
     if sweep.spec.study in names and stored.get("lab.metric"):
         for key, now in identity(sweep).items():
+            if key not in stored:  # a study from before lab stored this part of it
+                if not join:
+                    study.set_user_attr(key, now)
+                continue
             if stored.get(key) != now:
                 what = key.removeprefix("lab.")
                 raise LabError(
@@ -376,11 +362,15 @@ def pid_alive(pid: int) -> bool:
 
 def stale_trials(study: optuna.Study, storage: str) -> list[tuple[optuna.trial.FrozenTrial, str]]:
     """(trial, why) for each RUNNING trial whose worker is gone: on this host, a dead process id (any storage);
-    on RDB storage also a heartbeat older than the grace period (a host that died)."""
+    on RDB storage also a heartbeat older than the grace period (a host that died). Call with the budget lock
+    held: a worker asks for its trial and records its host and pid under that lock, so a RUNNING trial without
+    them belongs to a worker that died in between (a kill, or a sampler that raised)."""
     host = socket.gethostname()
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     stale = {t.number: "worker process died" for t in running
              if t.user_attrs.get("host") == host and "pid" in t.user_attrs and not pid_alive(int(t.user_attrs["pid"]))}
+    stale.update({t.number: "its worker died before it started (no owner recorded)" for t in running
+                  if "pid" not in t.user_attrs})
     if is_rdb(storage):
         # The heartbeat API's own query (what optuna.storages.fail_stale_trials uses), called here so that each
         # trial is failed with its reason and queued again while it is still RUNNING.

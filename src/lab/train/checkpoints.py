@@ -40,3 +40,32 @@ class LastCheckpoint(Callback):
         trainer.save_checkpoint(partial)
         os.replace(partial, self.path)  # atomic on POSIX: the old file or the new one, never half of one
         self.written_at = time.monotonic()
+
+
+def resumable(path: str) -> tuple[str | None, str]:
+    """(the checkpoint to resume from, or None to start afresh; what happened, for the run's lab.resume tag).
+    A checkpoint torn by a kill mid-write (one not written through LastCheckpoint, or a disk that filled)
+    cannot be resumed: the retry trains from scratch instead of failing like the attempt before it."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no copy of the tensors
+        epoch = int(state["epoch"])
+    except Exception as err:  # noqa: BLE001 - missing, truncated, not a Lightning checkpoint
+        return None, f"started afresh: {path} cannot be read ({type(err).__name__}: {str(err)[:200]})"
+    return path, f"resumed after epoch {epoch} from {path}"
+
+
+def best_or_last(best_path: str) -> tuple[str | None, str]:
+    """(ckpt_path for trainer.test, which weights it means). A last.ckpt is written at an epoch's end, before
+    that epoch's better checkpoint replaces the best one, so a run resumed from it can name a file that is
+    gone: the checkpoint that replaced it (ModelCheckpoint keeps one, save_top_k=1) is the best; without one,
+    the final weights are tested."""
+    if best_path and Path(best_path).is_file():
+        return best_path, f"best epoch: {best_path}"
+    if not best_path:
+        return None, "final weights"
+    newer = sorted(Path(best_path).parent.glob("epoch=*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if newer:
+        return str(newer[-1]), f"best epoch: {newer[-1]} (it replaced {Path(best_path).name})"
+    return None, f"final weights (the best checkpoint {best_path} no longer exists)"

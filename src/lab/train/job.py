@@ -19,9 +19,9 @@ from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
 from lab.errors import LabError, unknown_key
-from lab.train import tracking
+from lab.train import checkpoints, tracking
 from lab.train.checkpoints import LastCheckpoint
-from lab.train.module import call_factory
+from lab.train.module import Diverged, call_factory
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +212,13 @@ def build(cfg: DictConfig):
 
 def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = (), parent_run_id: str | None = None,
         run_name: str | None = None, tags: dict[str, str] | None = None, on_run=None,
-        resume_from: str | None = None) -> dict[str, float]:
+        resume_from: str | None = None, require: str | None = None) -> dict[str, float]:
     """Train and test; returns the last epoch's train/val metrics and the test metrics, as floats.
 
     on_run(client, run_id) is called once the MLflow run exists (sweeps record the run id on the trial);
-    resume_from: a Lightning checkpoint to continue from (epoch, weights, optimizer state).
+    resume_from: a Lightning checkpoint to continue from (epoch, weights, optimizer state); one that cannot be
+    read starts the run afresh (tag lab.resume says which happened). require: a metric the run must produce,
+    finite, or it ends FAILED (as the sweep's trial does).
     """
     check_config(cfg)
     set_threads(cfg)
@@ -226,6 +228,8 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
     last = LastCheckpoint(out_dir / "checkpoints", cfg.checkpoint.last_every_s)  # checks its setting before a run exists
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     run_tags = {"seed": str(cfg.seed), "data": datamodule.name, "model": type(model.net).__name__, **(tags or {})}
+    if resume_from:
+        resume_from, run_tags["lab.resume"] = checkpoints.resumable(resume_from)
     with tracking.run(uri, cfg.mlflow.experiment, run_name, parent_run_id, run_tags) as (client, run_id):
         if on_run is not None:
             on_run(client, run_id)
@@ -247,14 +251,23 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         if trainer.interrupted:  # Lightning swallowed a SIGTERM/Ctrl-C and returned normally
             raise KeyboardInterrupt("training was interrupted")
+        if resume_from and not any(k.startswith("val/") for k in trainer.callback_metrics):
+            # The checkpoint was written after the last epoch (the worker died while testing): fit had nothing
+            # left to do, so the last epoch's validation is run again from the restored weights.
+            trainer.validate(model, datamodule=datamodule, verbose=False)
         results = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        best = checkpoint.best_model_path or None
+        best, weights = checkpoints.best_or_last(checkpoint.best_model_path)
+        client.set_tag(run_id, "lab.tested", weights)
         test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
         results.update({k: float(v) for k, v in test.items()})
         tracking.log_test_report(client, run_id, model.test_report, step=trainer.current_epoch)
         if best:
             client.set_tag(run_id, "checkpoint", best)
         results.update({f"test/f1/{k}": v["f1"] for k, v in model.test_report["classes"].items()})
+        if require is not None and require not in results:
+            raise LabError(f"metric {require!r} was not logged; logged: {sorted(results)}")
+        if require is not None and not math.isfinite(results[require]):  # Optuna would store inf as COMPLETE
+            raise Diverged(f"{require} is {results[require]}")
     log.info("run %s: %s", run_id, {k: round(v, 4) for k, v in results.items() if "/f1/" not in k})
     return results
 
