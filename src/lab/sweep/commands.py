@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from lab import config
 from lab.errors import Interrupted, LabError, raise_interrupted
-from lab.sweep import live, pool, records, spec, worker
+from lab.sweep import live, liveness, pool, records, spec, worker
 from lab.sweep import study as studies
 from lab.train import tracking
 from lab.uris import absolute_uri, mask_password
@@ -131,14 +131,19 @@ def sweep_command(args) -> None:
     view = live.LiveView(live=False if args.no_live else None)
     failures = Failures(study)
     interrupted = None
-    signal.signal(signal.SIGTERM, raise_interrupted)
-    signal.signal(signal.SIGINT, raise_interrupted)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the terminal was closed
+        signal.signal(sig, raise_interrupted)
+    grace = liveness.grace_s()
     try:
         workers.start()
         while True:
+            hung = workers.kill_hung(grace)
+            for name, quiet in hung.items():
+                print(f"worker {name} hung (no sign of life for {quiet:.0f} s, e.g. stopped or stuck reading data): "
+                      "killed", flush=True)
             running = workers.running  # before poll(): a worker that dies in between is seen by poll()
             for name, (code, pid) in workers.poll().items():
-                what = pool.describe_exit(code)
+                what = f"hung for {hung[name]:.0f} s, killed" if name in hung else pool.describe_exit(code)
                 reap(study, sweep, uri, storage, f"worker {name} died ({what})")
                 blamed = blamed_trial(study, pid)
                 print(f"worker {name} died ({what})" + (f" running trial {blamed.number}" if blamed else "")
@@ -156,8 +161,13 @@ def sweep_command(args) -> None:
     except Interrupted as stop:
         interrupted = stop
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the orderly stop short
+        if str(stop) == "SIGHUP":  # no terminal to print to any more: the rest goes to the sweep's log
+            sys.stdout = sys.stderr = open(out_dir / "sweep.log", "a", buffering=1)  # noqa: SIM115 - until exit
         print(f"\n{worker.describe(stop)}: stopping workers (each marks its trial and ends its MLflow run KILLED) ...")
-        workers.stop(sig=signal.Signals[str(stop)] if str(stop) in signal.Signals.__members__ else signal.SIGTERM)
+        workers.stop(sig=signal.Signals[str(stop)] if str(stop) in ("SIGINT", "SIGTERM") else signal.SIGTERM)
+    except BaseException:
+        workers.stop()  # the parent owns its workers to the end: none goes on without it
+        raise
     streak = studies.failure_streak(sweep, study)
     if streak and not interrupted:
         workers.stop()  # the rest of the pool asks for no new trial either; running ones are cut short
@@ -211,6 +221,8 @@ def worker_command(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, raise_interrupted)
     signal.signal(signal.SIGINT, raise_interrupted)
+    worker.follow_parent()
+    liveness.start()
     # The pool gives each worker its share of the cores; a worker started by hand uses torch's default.
     threads = int(os.environ.get("LAB_TORCH_THREADS") or 0)
     given = {key for key in studies.BUDGET_KEYS if getattr(args, key, None) is not None}

@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 
 from lab import config
 from lab.errors import StopRun
+from lab.sweep import liveness
 from lab.sweep.spec import Sweep
 from lab.sweep.study import RESUME_FROM
 from lab.train import job
@@ -35,6 +36,26 @@ class PruningCallback(pl.Callback):
             raise Pruned(f"pruned in epoch {epoch} with {self.metric}={value:.6g}")
 
 
+class Progress(pl.Callback):
+    """Tells the worker's pulse (liveness.py) that batches go through: a trial that gets through none for the
+    grace period is hung, and the sweep's parent kills its worker."""
+
+    def _progressed(self, *_):
+        liveness.progressed()
+
+    def on_fit_start(self, trainer, pl_module):
+        liveness.training(True)
+
+    def on_test_end(self, trainer, pl_module):
+        liveness.training(False)
+
+    def on_exception(self, trainer, pl_module, exception):
+        liveness.training(False)
+
+    on_train_batch_end = on_validation_batch_end = on_test_batch_end = _progressed
+    on_train_epoch_start = on_validation_epoch_start = on_test_epoch_start = _progressed
+
+
 def trial_overrides(sweep: Sweep, trial: optuna.Trial) -> list[str]:
     # Workers are quiet: no progress bar or model summary per trial; the sweep's live view reports.
     return [*sweep.replay_overrides(trial), f"mlflow.experiment={sweep.mlflow_experiment}",
@@ -56,7 +77,7 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, parent_run_id: str | None) -> f
         tags["lab.resumed_from"] = resume_from
     try:
         metrics = job.run(cfg, Path(trial.user_attrs["checkpoint_dir"]).parent,
-                            (PruningCallback(trial, sweep.spec.metric),), parent_run_id=parent_run_id,
+                            (PruningCallback(trial, sweep.spec.metric), Progress()), parent_run_id=parent_run_id,
                             run_name=f"trial-{trial.number}", tags=tags, on_run=record_run, resume_from=resume_from,
                             require=sweep.spec.metric)  # missing or non-finite: the run ends FAILED, as the trial
     except Pruned as pruned:

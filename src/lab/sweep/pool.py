@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lab.errors import LabError
+from lab.sweep import liveness
 
 EXIT_HALTED = 3  # a worker that stopped because the sweep's failure limit was reached: done, not crashed
 MAX_RESTARTS = 3  # per slot, deaths not explained by a trial: a worker that keeps dying is left dead
 STOP_GRACE_S = 20
+PARENT_ENV = "LAB_PARENT_PID"  # a pool worker stops when this process is gone
 
 
 @dataclass
@@ -93,7 +95,10 @@ class Pool:
     def _start(self, slot: Slot) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{slot.name}.log", "a")
-        env = {**self.env, **slot.env, "PYTHONUNBUFFERED": "1"}
+        beat = self.beat_file(slot.name)
+        beat.unlink(missing_ok=True)  # a new process: its silence counts from its own first beat
+        env = {**self.env, **slot.env, "PYTHONUNBUFFERED": "1", liveness.ENV: str(beat),
+               PARENT_ENV: str(os.getpid())}
         cmd = [sys.executable, "-m", "lab.cli", "worker", *self.worker_args, "--worker-id", slot.name]
         # Own session: a Ctrl-C in the terminal reaches the parent only, which stops workers in order.
         self.procs[slot.name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -133,6 +138,21 @@ class Pool:
             self.restarts[name] += 1
         self._start(next(s for s in self.slots if s.name == name))
         return True
+
+    def beat_file(self, name: str) -> Path:
+        return self.log_dir / f"{name}.beat"
+
+    def kill_hung(self, grace_s: float) -> dict[str, float]:
+        """SIGKILL (it works on a stopped process too) every worker silent for grace_s seconds; returns
+        {slot name: seconds silent}. poll() then reports them as crashed."""
+        hung = {}
+        for name, proc in self.procs.items():
+            quiet = liveness.quiet_for(self.beat_file(name))
+            if proc.poll() is None and quiet > grace_s:
+                proc.kill()
+                proc.wait()
+                hung[name] = quiet
+        return hung
 
     @property
     def running(self) -> bool:

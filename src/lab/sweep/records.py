@@ -60,6 +60,14 @@ def tag_run(uri: str, trial: optuna.trial.FrozenTrial | optuna.Trial, state: str
         client.set_tag(run_id, "trial.reason", reason[:5000])
 
 
+def end_failed(uri: str, trial: optuna.trial.FrozenTrial, reason: str) -> None:
+    """The run of a trial that another process failed ends FAILED too, whatever its worker made of it."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        tag_run(uri, trial, "FAIL", reason)
+        MlflowClient(uri).set_terminated(run_id, "FAILED")
+
+
 def abandoner(uri: str, max_retries: int):
     """abandon(study, trial, reason) for a trial whose worker is gone: fail it, queue it again within
     max_retries, and end its MLflow run FAILED (nobody else will)."""

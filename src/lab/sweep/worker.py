@@ -10,6 +10,8 @@ import logging
 import os
 import signal
 import socket
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,8 +21,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from lab.errors import Interrupted
-from lab.sweep import records
+from lab.sweep import liveness, records
 from lab.sweep import study as studies
+from lab.sweep.pool import PARENT_ENV
 from lab.sweep.spec import Sweep
 from lab.train import tracking
 
@@ -78,9 +81,20 @@ def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str,
             trial.set_user_attr("fail_reason", reason)
             study.tell(trial, state=TrialState.FAIL)
             raise
-    if reason:
-        trial.set_user_attr("fail_reason", reason[:2000])
-    study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+    try:
+        if reason:
+            trial.set_user_attr("fail_reason", reason[:2000])
+        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+        # Another process ended it meanwhile: this worker was taken for dead (stopped, hung, its heartbeat
+        # late) and the trial was failed and queued again. Its record stands; this result is dropped.
+        frozen = study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+        if not frozen.state.is_finished():
+            raise
+        log.warning("trial %d was ended by another process while this worker ran it (%s); its result is dropped",
+                    trial.number, studies.fail_reason(frozen))
+        records.end_failed(uri, frozen, studies.fail_reason(frozen))
+        return "REAPED"
     records.tag_run(uri, trial, state.name, reason)
     return state.name
 
@@ -122,6 +136,7 @@ def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: fl
     host, ran = socket.gethostname(), 0
     while True:
         trial = None
+        liveness.training(False)
         try:
             with signals_held(), studies.budget_lock(storage, sweep.spec.study):
                 studies.reap(study, storage, lambda t, why: abandon(study, t, why))
@@ -157,6 +172,29 @@ def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: fl
         log.info("trial %d %s", trial.number, state)
         records.update_best(MlflowClient(uri), parent, study)
     return ran
+
+
+def follow_parent() -> None:
+    """A pool worker runs in its own session, so that a Ctrl-C reaches only the parent, which stops workers in
+    order. For it not to outlive a parent that was killed (SIGKILL, the OOM killer) the kernel sends it
+    SIGTERM when the parent dies (Linux); it then marks its trial interrupted and queues it again."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return  # started by hand (`lab worker` on a cluster): nothing to follow
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1  # <linux/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    else:  # no parent-death signal: look every few seconds
+        def watch():
+            while os.getppid() == int(parent):
+                time.sleep(IDLE_POLL_S)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="lab-parent", daemon=True).start()
+    if os.getppid() != int(parent):  # it died before the signal was set up
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def deadline_from(timeout: float | None, started: float) -> float | None:
