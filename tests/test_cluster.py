@@ -34,11 +34,15 @@ def test_workers_on_separate_hosts_share_one_postgres_study(workdir, lab, start_
                 victim = t
         time.sleep(0.3)
     assert victim is not None, "host0 never ran a trial"
-    workers[0].send_signal(signal.SIGKILL)  # the "host" dies: no more heartbeats for its trial
+    workers[0].send_signal(signal.SIGSTOP)  # the "host" freezes: no more heartbeats for its trial
     try:
-        for proc in workers[1:]:
+        end = time.time() + 120
+        while study.get_trials()[victim.number].state == TrialState.RUNNING and time.time() < end:
+            time.sleep(0.5)
+        workers[0].send_signal(signal.SIGCONT)  # it wakes up to find its trial failed and queued again
+        for proc in workers:
             out, _ = proc.communicate(timeout=600)
-            assert proc.returncode == 0, out
+            assert proc.returncode == 0 and "Traceback" not in out, out
     except subprocess.TimeoutExpired:
         states = [(t.number, t.state.name, t.user_attrs.get("worker")) for t in study.get_trials()]
         raise AssertionError(f"workers did not finish; trials: {states}")
@@ -51,7 +55,7 @@ def test_workers_on_separate_hosts_share_one_postgres_study(workdir, lab, start_
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 4
     dead = trials[victim.number]
-    assert dead.state == TrialState.FAIL
+    assert dead.state == TrialState.FAIL and dead.user_attrs["fail_reason"] == "heartbeat lost"
     (retry,) = [t for t in trials if t.user_attrs.get("lab.retry_of") == victim.number]
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["lab.retry_reason"] == "heartbeat lost"
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -59,6 +63,9 @@ def test_workers_on_separate_hosts_share_one_postgres_study(workdir, lab, start_
     numbers = [int(r.data.tags["trial.number"]) for r in runs]
     assert sorted(numbers) == sorted(t.number for t in trials if t.state != TrialState.WAITING)  # each ran once
     assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])  # the last worker closed it
+    assert parent.info.status == "FINISHED"
+    assert "trials.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
 
 
 N_LOAD = 32  # 4 trials per worker: every worker asks, runs and tells under load, and the suite stays short

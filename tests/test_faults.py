@@ -109,3 +109,18 @@ def test_resuming_with_a_changed_sweep_is_refused(tmp_path):
             studies.create_or_resume(spec.load(path), storage)
     path.write_text(base)
     studies.create_or_resume(spec.load(path), storage)  # the unchanged file resumes
+
+
+@pytest.mark.slow
+def test_two_sweeps_started_together_on_a_fresh_mlflow_database(workdir, start_lab, sweep_file, journal):
+    tmp, env = workdir
+    body = "metric: val/acc\nn_trials: 1\nparams:\n  model.optimizer.lr: {type: float, low: 1.0e-3, high: 1.0e-1}\n"
+    assert not (tmp / "mlflow.db").exists()
+    procs = [start_lab("sweep", sweep_file(tmp / f"{name}.yaml", name, body), "--no-live") for name in ("one", "two")]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0 and "Traceback" not in out, out
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    for name in ("one", "two"):
+        parent = journal(tmp, name).user_attrs["mlflow_parent_run_id"]
+        assert client.get_run(parent).info.status == "FINISHED"

@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
@@ -214,6 +215,26 @@ def finish(sweep, study, parent: str, uri: str, interrupted, streak, deadline) -
         sys.exit(1)
 
 
+def close_if_done(sweep: spec.Sweep, study: optuna.Study, uri: str, storage: str) -> str | None:
+    """Cluster flow (`lab sweep --prepare`, then `lab worker`s): no parent process ends the parent run, so the
+    last worker to finish, or `lab best`, does, with the summary. Returns the run id it closed."""
+    parent = study.user_attrs.get(records.PARENT_ATTR)
+    client = MlflowClient(uri)
+    try:
+        if not parent or client.get_run(parent).info.status != "RUNNING":
+            return None
+    except MlflowException:  # the run lives in another tracking store than this command's
+        return None
+    with studies.budget_lock(storage, sweep.spec.study):
+        if (study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) or studies.queued_retries(study)
+                or not studies.done(sweep, study, studies.make_sampler(sweep))):
+            return None
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    records.log_summary(client, parent, study)
+    client.set_terminated(parent, "FINISHED" if complete else "FAILED")
+    return parent
+
+
 def worker_command(args) -> None:
     sweep = spec.from_args(args, check=not args.no_check)
     out_dir, storage = studies.locate(sweep, args.storage, args.out)
@@ -240,6 +261,10 @@ def worker_command(args) -> None:
               file=sys.stderr)
         sys.exit(pool.EXIT_HALTED)
     print(f"worker done: {ran} trial(s)")
+    if not os.environ.get(pool.PARENT_ENV):  # started by hand: maybe the last one of a cluster sweep
+        closed = close_if_done(sweep, studies.load(sweep, storage, "lab worker"), tracking.tracking_uri(), storage)
+        if closed:
+            print(f"the sweep is done: closed its MLflow parent run {closed} with the summary")
 
 
 def print_best(sweep: spec.Sweep, study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -276,6 +301,7 @@ def best_command(args) -> None:
     sweep = spec.from_args(args, check=False)
     _, storage = studies.locate(sweep, args.storage, args.out)
     study = studies.load(sweep, storage)
+    close_if_done(sweep, study, absolute_uri(tracking.tracking_uri()), storage)
     best = print_best(sweep, study)
     if best is None:
         raise LabError(f"study {sweep.spec.study!r} has no completed trial to export yet.")

@@ -3,6 +3,7 @@
 Every run is created here and ended here with FINISHED, FAILED or KILLED; nothing else sets a status.
 """
 import csv
+import fcntl
 import io
 import json
 import os
@@ -34,16 +35,34 @@ def tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+@contextmanager
+def creation_lock(uri: str):
+    """One process at a time creates a SQLite store's schema: MLflow migrates a fresh database on first use,
+    and two sweeps (or `lab train`s) started together on one crashed in the migration."""
+    if not uri.startswith("sqlite:///"):
+        yield  # a server or a database server serialises this itself
+        return
+    path = Path(uri.removeprefix("sqlite:///") + ".create.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def experiment_id(uri: str, name: str) -> str:
     """Create the DB schema and the experiment once, before any worker touches them (SQLite migration race)."""
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except mlflow.exceptions.MlflowException:  # another process created it between the two calls
-        return client.get_experiment_by_name(name).experiment_id
+    with creation_lock(uri):
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return client.create_experiment(name)
+        except mlflow.exceptions.MlflowException:  # another process created it between the two calls
+            return client.get_experiment_by_name(name).experiment_id
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
@@ -91,11 +110,12 @@ def environment_tags() -> dict[str, str]:
 def run(uri: str, experiment: str, run_name: str | None = None, parent_run_id: str | None = None,
         tags: dict[str, str] | None = None):
     """Yields (client, run_id). The run ends FINISHED, or KILLED on an interrupt, or FAILED on any error."""
+    exp_id = experiment_id(uri, experiment)  # first: it creates a fresh store under the creation lock
     client = MlflowClient(uri)
     all_tags = {**environment_tags(), **git_state(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    created = client.create_run(experiment_id(uri, experiment), run_name=run_name, tags=all_tags)
+    created = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     run_id = created.info.run_id
     try:
         yield client, run_id
