@@ -124,3 +124,20 @@ def test_two_sweeps_started_together_on_a_fresh_mlflow_database(workdir, start_l
     for name in ("one", "two"):
         parent = journal(tmp, name).user_attrs["mlflow_parent_run_id"]
         assert client.get_run(parent).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_trial_asked_by_a_worker_that_died_before_labelling_it_does_not_hang_reruns(workdir, lab, sweep_file, journal):
+    tmp, env = workdir
+    body = "metric: val/acc\nn_trials: 2\nparams:\n  model.optimizer.lr: {type: float, low: 1.0e-3, high: 1.0e-1}\n"
+    path = sweep_file(tmp / "orphan.yaml", "orphan", body)
+    assert lab("sweep", path, "--prepare").returncode == 0
+    # What a worker killed between study.ask and recording its host and pid leaves: a RUNNING trial, no owner.
+    orphan = journal(tmp, "orphan").ask()
+    result = lab("sweep", path, "--workers", "2", "--no-live", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = journal(tmp, "orphan").get_trials()
+    assert trials[orphan.number].state == TrialState.FAIL
+    assert "no owner recorded" in trials[orphan.number].user_attrs["fail_reason"]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+    assert not [t for t in trials if t.state == TrialState.RUNNING]

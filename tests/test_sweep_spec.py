@@ -48,6 +48,11 @@ def test_valid_sweep_builds_optuna_distributions(tmp_path):
     ("model.net.dropout: {type: gaussian, low: 0.1, high: 0.2}", "model.net.dropout"),
     ("trainer.max_epochs: {type: int, low: 1.5, high: 3}", "trainer.max_epochs"),
     ("model.net.dropout: {type: float, low: 0.1}", "model.net.dropout"),
+    # Values every trial would fail on, refused before the first one starts:
+    ("model.optimizer.lr: {type: float, low: .nan, high: .inf}", "low=nan, high=inf is not valid"),
+    ("data.batch_size: {type: float, low: 0.5, high: 64}", "data.batch_size=0.5 is not valid"),
+    ("model.net.dropout: {type: categorical, choices: [0.1, lots]}", "model.net.dropout='lots' is not valid"),
+    ("seed: {type: int, low: 0, high: 1.0e11}", "seed=100000000000 is not valid"),
 ])
 def test_invalid_params_are_rejected_with_their_name(tmp_path, params, named):
     with pytest.raises(LabError, match=named.replace(".", r"\.")):
@@ -203,3 +208,10 @@ def test_the_budget_lock_is_not_optunas_own_lock_file(tmp_path):
     storage = str(tmp_path / "study.journal")
     with studies.budget_lock(storage, "s"):
         assert (tmp_path / "study.journal.budget.lock").exists() and not (tmp_path / "study.journal.lock").exists()
+
+
+def test_a_categorical_of_many_choices_is_checked_without_composing_each(tmp_path):
+    choices = ", ".join(str(i / 10_000) for i in range(10_000))
+    spec.load(write(tmp_path, f"model.net.dropout: {{type: categorical, choices: [{choices}]}}"))  # seconds
+    with pytest.raises(LabError, match="'lots' is not valid"):
+        spec.load(write(tmp_path, f"model.net.dropout: {{type: categorical, choices: [{choices}, lots]}}"))

@@ -11,6 +11,7 @@ from typing import Any
 
 import optuna
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -265,24 +266,42 @@ def check_spec(spec: SweepSpec, path: Path) -> None:
 
 
 def check_paths(sweep: Sweep) -> None:
-    """Compose the real config with each parameter at its bounds: Hydra rejects unknown override paths."""
-    try:
-        config.load(sweep.base_overrides)
-    except Exception as err:  # noqa: BLE001 - any compose failure is the user's override
-        raise LabError(f"{sweep.path}: the base config does not compose ({sweep.base_overrides}): "
-                       f"{str(err).splitlines()[0]}") from err
+    """What would otherwise fail every trial, found before one starts: each parameter's override path exists
+    (Hydra rejects unknown ones) and its values pass the checks `lab train` makes (types, RULES), at the bounds
+    of a range and for every choice of a categorical (checked as values, not by composing one config each)."""
+    from lab.train import job  # the checks lab train makes; Lightning's imports, paid once per launch
+
+    def compose(overrides: list[str], what: str):
+        try:
+            cfg = config.load(overrides)
+        except Exception as err:  # noqa: BLE001 - any compose failure is the user's override
+            raise LabError(f"{sweep.path}: {what}: {str(err).splitlines()[0]}. Use a Hydra override path that "
+                           "exists, such as model.optimizer.lr, data.batch_size, data.image_size or "
+                           "model.net.dropout.") from err
+        try:
+            job.check_config(cfg)
+        except LabError as err:
+            raise LabError(f"{sweep.path}: {what}: {err}") from err
+        return cfg
+
+    compose(sweep.base_overrides, f"the base config ({' '.join(sweep.base_overrides) or 'no overrides'})")
     for name, dist in sweep.space.items():
-        if isinstance(dist, optuna.distributions.CategoricalDistribution):
-            probes = list(dist.choices)
-        else:
-            probes = [dist.low, dist.high]
+        categorical = isinstance(dist, optuna.distributions.CategoricalDistribution)
+        probes = list(dist.choices) if categorical else [dist.low, dist.high]
+        if categorical and not config.is_group(override_key(name)):
+            probes = probes[:1]  # the path and the whole config, once; every value below
         for value in probes:
-            try:
-                config.load(sweep.trial_overrides({name: value}, base=True))
-            except Exception as err:  # noqa: BLE001
-                raise LabError(f"{sweep.path}: parameter {name!r} = {value!r} cannot be applied to the config: "
-                               f"{str(err).splitlines()[0]}. Use a Hydra override path that exists, such as "
-                               "model.optimizer.lr, data.batch_size, data.image_size or model.net.dropout.") from err
+            cfg = compose(sweep.trial_overrides({name: value}, base=True), f"parameter {name!r} = {value!r}")
+        if categorical and len(probes) < len(dist.choices):
+            parser = OverridesParser.create()
+            for value in dist.choices:
+                # The value as Hydra reads the trial's override (a quoted "64" in the file is the number 64 then).
+                own = parser.parse_override(sweep.trial_overrides({name: value})[0]).value()
+                try:
+                    job.check_value(cfg, override_key(name), OmegaConf.to_object(own)
+                                    if OmegaConf.is_config(own) else own)
+                except LabError as err:
+                    raise LabError(f"{sweep.path}: params.{name}: {err}") from err
 
 
 def from_args(args, check: bool = True) -> Sweep:

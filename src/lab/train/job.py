@@ -61,7 +61,7 @@ def _whole(v) -> bool:
 
 # key: (test, what is valid). Keys absent from the composed config (momentum with Adam) are not checked.
 RULES = {
-    "seed": (_whole, "a whole number"),
+    "seed": (lambda v: _whole(v) and 0 <= v < 2**32, "a whole number in [0, 2**32) (what numpy's seeding takes)"),
     "threads": (lambda v: v is None or (_whole(v) and v >= 0), "a whole number >= 0 (0: $LAB_TORCH_THREADS)"),
     "model.optimizer.lr": (lambda v: _number(v) and 0 <= v < math.inf, "a number >= 0, e.g. 1e-3 (0 trains nothing)"),
     "model.optimizer.weight_decay": (lambda v: _number(v) and 0 <= v < math.inf, "a number >= 0 (0: no L2 penalty)"),
@@ -188,6 +188,23 @@ def check_config(cfg: DictConfig) -> None:
         optimizer = call_factory(instantiate(optimizer_cfg), dummy, "model.optimizer")
         if cfg.model.get("scheduler") is not None:
             call_factory(instantiate(cfg.model.scheduler), optimizer, "model.scheduler")
+
+
+def check_value(cfg: DictConfig, key: str, value) -> None:
+    """key=value checked as check_config would check it inside cfg, without composing cfg again: a sweep's
+    categorical may list thousands of values."""
+    if key in RULES:
+        test, valid = RULES[key]
+        if not test(value):
+            raise LabError(f"{key}={value!r} is not valid: it must be {valid}.")
+        return
+    parent, _, leaf = key.rpartition(".")
+    params, _ = accepted_keys(cfg, parent)
+    if params and leaf in params:
+        _check_value(key, value, params[leaf])
+    current = OmegaConf.select(cfg, key, default=None)
+    if _number(current) and not _number(value) and value is not None:
+        raise LabError(f"{key}={value!r} is not valid: it is a number in the config ({current!r}).")
 
 
 def set_threads(cfg: DictConfig) -> None:
