@@ -12,7 +12,7 @@ import signal
 import sys
 import warnings
 
-from lab.errors import Interrupted, LabError, close_matches, raise_interrupted, unknown_key, user_error
+from lab.errors import Interrupted, LabError, close_matches, disk_full, raise_interrupted, unknown_key, user_error
 
 EXIT_USER_ERROR = 2
 
@@ -309,6 +309,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lab: interrupted by {stop or 'Ctrl-C'}", file=sys.stderr)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001
+        full = disk_full(err)
+        if full is not None:
+            where = f" ({full.filename})" if getattr(full, "filename", None) else ""
+            print(f"lab: error: the disk is full{where}: free some space (or point --out / MLFLOW_TRACKING_URI at "
+                  "another disk) and run the same command again; what was recorded so far is kept.", file=sys.stderr)
+            sys.exit(1)
         if user_error(err) is None:
             raise
         fail(user_error(err))

@@ -40,6 +40,21 @@ def user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def disk_full(exc: BaseException) -> BaseException | None:
+    """The error behind exc that says a disk (or a quota) is full: OSError ENOSPC/EDQUOT, or SQLite's words
+    for it (as MLflow's and Optuna's stores pass them on)."""
+    import errno
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return seen
+        if "database or disk is full" in str(seen) or "No space left on device" in str(seen):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 class StopRun(Exception):
     """Training ended early on purpose (a pruned trial): its MLflow run ends FINISHED, not FAILED."""
 

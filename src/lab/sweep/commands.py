@@ -110,6 +110,7 @@ def sweep_command(args) -> None:
     studies.begin_launch(sweep, study)
     reaped = reap(study, sweep, uri, storage)
     parent = records.parent_run(study, sweep, uri, storage)
+    records.end_orphaned_runs(MlflowClient(uri), parent, study)
     if args.prepare:  # cluster use: the study and parent run exist before N `lab worker`s join
         print(f"prepared study {sweep.spec.study} in {mask_password(storage)}; MLflow parent run {parent}")
         return
@@ -181,6 +182,7 @@ def sweep_command(args) -> None:
 def finish(sweep, study, parent: str, uri: str, interrupted, streak, deadline) -> None:
     """The parent run's summary and status, the best trial, and the exit status that says how it ended."""
     client = MlflowClient(uri)
+    records.end_orphaned_runs(client, parent, study)
     skipped = records.log_summary(client, parent, study)
     used = studies.used_budget(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -230,6 +232,7 @@ def close_if_done(sweep: spec.Sweep, study: optuna.Study, uri: str, storage: str
                 or not studies.done(sweep, study, studies.make_sampler(sweep))):
             return None
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    records.end_orphaned_runs(client, parent, study)
     records.log_summary(client, parent, study)
     client.set_terminated(parent, "FINISHED" if complete else "FAILED")
     return parent

@@ -82,6 +82,26 @@ def abandoner(uri: str, max_retries: int):
     return abandon
 
 
+def end_orphaned_runs(client: MlflowClient, parent: str, study: optuna.Study) -> int:
+    """End the trial runs left RUNNING by trials that ended without them (a full disk refused the run's last
+    write; a kill before it): each as its trial ended. Call where no worker of this study runs a trial that
+    is not RUNNING in the study (launch, finish). Returns how many it ended."""
+    exp = client.get_run(parent).info.experiment_id
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    ended = 0
+    for run in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'",
+                                  max_results=10_000):
+        trial = trials.get(int(run.data.tags.get("trial.number", -1)))
+        if trial is not None and trial.state == TrialState.RUNNING:
+            continue  # a live trial (its worker may be on another host)
+        own = trial is not None and trial.user_attrs.get("mlflow_run_id") == run.info.run_id
+        finished = own and trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        client.set_tag(run.info.run_id, "lab.end", f"closed by lab: its trial ended {trial.state.name if own else 'without it'}")
+        client.set_terminated(run.info.run_id, "FINISHED" if finished else "FAILED")
+        ended += 1
+    return ended
+
+
 def update_best(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
