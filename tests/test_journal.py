@@ -119,3 +119,17 @@ def test_a_torn_last_line_is_set_aside(tmp_path):
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)  # appending works again
     assert len(optuna.load_study(study_name="s", storage=studies.open_storage(str(path))).get_trials()) == 4
     assert journal.repair(path) is None  # a clean journal is left alone
+
+
+def test_lab_refuses_a_mistyped_storage_and_leaves_it_untouched(workdir, lab):
+    tmp, _ = workdir
+    photo = tmp / "photo.png"
+    photo.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    before = photo.read_bytes()
+    for command, storage in (("sweep", photo), ("sweep", tmp), ("best", photo)):  # no journal; a folder
+        proc = lab(command, "quickstart", "--storage", storage)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert str(storage) in line and ("not an Optuna journal" in line or "is a folder" in line)
+    assert photo.read_bytes() == before
+    assert not list(tmp.glob("photo.png?*"))  # nothing set aside or created beside it
