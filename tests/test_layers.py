@@ -19,6 +19,7 @@ FORBIDDEN = {
     "errors.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
     "uris.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
     "figures.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
+    "locks.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
 }
 
 

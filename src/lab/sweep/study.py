@@ -4,7 +4,6 @@ Journal file storage is the default (many processes on one host, no "database is
 (postgresql://, sqlite:///) serve studies shared across hosts and get heartbeats.
 """
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import TrialState
 
 from lab.errors import LabError
+from lab.locks import file_lock
 from lab.sweep import journal
 from lab.sweep.spec import Sweep, grid_values, override_key
 from lab.uris import is_rdb, mask_password
@@ -409,14 +409,8 @@ def budget_lock(storage: str, study_name: str):
     if not is_rdb(storage) or storage.startswith("sqlite"):
         # Next to the journal or database file, so that every process using it takes the same lock.
         # (Not <file>.lock: Optuna's journal uses that name for its own lock.)
-        path = Path(storage.removeprefix("sqlite:///") + ".budget.lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with file_lock(Path(storage.removeprefix("sqlite:///") + ".budget.lock")):
+            yield
         return
     import sqlalchemy  # Optuna's RDB storage depends on it
 

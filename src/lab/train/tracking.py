@@ -3,7 +3,6 @@
 Every run is created here and ended here with FINISHED, FAILED or KILLED; nothing else sets a status.
 """
 import csv
-import fcntl
 import io
 import json
 import os
@@ -23,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from lab import figures
 from lab.errors import Interrupted, StopRun  # noqa: E402
+from lab.locks import file_lock
 from lab.uris import mask_password  # noqa: E402,F401 - tracking.mask_password is used by callers
 
 PACKAGES = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "hydra-core", "mlflow", "optuna")
@@ -42,14 +42,8 @@ def creation_lock(uri: str):
     if not uri.startswith("sqlite:///"):
         yield  # a server or a database server serialises this itself
         return
-    path = Path(uri.removeprefix("sqlite:///") + ".create.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(Path(uri.removeprefix("sqlite:///") + ".create.lock")):
+        yield
 
 
 def experiment_id(uri: str, name: str) -> str:
