@@ -89,28 +89,32 @@ def image_folder(tmp_path):
 
 @pytest.fixture
 def small_data(tmp_path):
-    """small_data(target, image_size=None, batch_size=8): overrides that make a composed data config small and
-    runnable offline, chosen by its _target_ class's family (any subclass of these gets them): generated idx
-    files for MNIST-format sets (IdxDataModule), a generated image folder for folders (ImageFolder), fewer
+    """small_data(target, image_size=None, batch_size=8, classes=None): overrides that make a composed data config
+    small and runnable offline, chosen by its _target_ class's family (any subclass of these gets them): generated
+    idx files for MNIST-format sets (IdxDataModule), a generated image folder for folders (ImageFolder), fewer
     images for Synthetic. Any other dataset class gives its own as a classmethod small_settings(scratch) ->
     {argument: value}, files it writes going under SCRATCH; a class with neither is used as it is (Digits: small
-    and bundled). image_size=None keeps each dataset's own size."""
+    and bundled). image_size=None keeps each dataset's own size; classes: that many classes for folders and
+    Synthetic (a binary experiment), None: their defaults."""
     from lab.data.folder import ImageFolder
     from lab.data.idx import IdxDataModule
     from lab.data.synthetic import Synthetic
 
-    def overrides(target: str, image_size: int | None = None, batch_size: int = 8) -> list[str]:
+    def overrides(target: str, image_size: int | None = None, batch_size: int = 8,
+                  classes: int | None = None) -> list[str]:
         cls = target_class(target)
         out = [f"data.batch_size={batch_size}"]
         if image_size is not None:
             out.append(f"data.image_size={image_size}")
         if issubclass(cls, Synthetic):
             out += ["data.n_train=64", "data.n_test=16"] + ([f"data.size={image_size}"] if image_size else [])
+            out += [f"data.classes={classes}"] if classes else []
         elif issubclass(cls, IdxDataModule):
             root = make_idx_dataset(tmp_path / f"idx_{cls.__name__}", classes=len(cls.CLASS_NAMES))
             out += [f"data.root={root}", "data.download=false"]
         elif issubclass(cls, ImageFolder):
-            root = make_image_folder(tmp_path / f"folder_{cls.__name__}")
+            names = ("cat", "dog", "fox", "owl", "elk")[:classes] if classes else ("cat", "dog", "fox")
+            root = make_image_folder(tmp_path / f"folder_{cls.__name__}_{len(names)}", classes=names)
             out += [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}"]
         elif hasattr(cls, "small_settings"):
             settings = cls.small_settings(tmp_path / f"small_{cls.__name__}")

@@ -22,14 +22,15 @@ MAX_TRAIN = 2000  # small_data must leave a registry test no more training image
 def test_globs_see_the_configs():
     assert conf_dir() == CONF
     assert {"synthetic", "digits", "fashion_mnist", "image_folder"} <= set(DATA)
-    assert {"linear", "mlp", "cnn", "resnet"} <= set(MODELS)
+    assert {"linear", "mlp", "cnn", "resnet", "timm"} <= set(MODELS)
     assert EXPERIMENTS
 
 
 def forward(cfg):
+    """(datamodule, (N, K) class logits of a training batch, its labels): a bce net's one output made two."""
     datamodule, model = build(cfg)
     x, y = next(iter(datamodule.train_dataloader()))
-    logits = model(datamodule.prepare_batch(x, training=True))
+    logits = model.class_logits(model(datamodule.prepare_batch(x, training=True)))
     n_train = len(datamodule.splits["train"].y)
     assert n_train <= MAX_TRAIN, (f"{datamodule.name} kept {n_train} training images: give its class small "
                                   "settings (see small_data in tests/conftest.py)")
@@ -37,9 +38,12 @@ def forward(cfg):
 
 
 def min_side(model: str) -> int:
-    """The smallest image side the model's net is meant for, as its class says (MIN_SIDE; none: any side)."""
+    """The smallest image side the model's net is meant for, as its class says (MIN_SIDE, or smallest_side(net
+    settings) where it depends on them, as timm's architectures do; neither: any side)."""
     net = yaml.safe_load((CONF / "model" / f"{model}.yaml").read_text())["net"]
-    return max(SIDE, getattr(get_class(net["_target_"]), "MIN_SIDE", 1))
+    cls = get_class(net["_target_"])
+    need = cls.smallest_side(net) if hasattr(cls, "smallest_side") else getattr(cls, "MIN_SIDE", 1)
+    return max(SIDE, need)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -57,7 +61,8 @@ def test_data_model_pair(data, model, small_data):
 def small_experiment(experiment: str, small_data, *extra: str):
     """The experiment as shipped, with small_data's overrides: its data's kind, shape and its model unchanged."""
     composed = load([f"experiment={experiment}"])
-    cfg = load([f"experiment={experiment}", *small_data(composed.data._target_), *extra])
+    classes = 2 if composed.model.get("loss") == "bce" else None  # a binary experiment (cats vs dogs)
+    cfg = load([f"experiment={experiment}", *small_data(composed.data._target_, classes=classes), *extra])
     assert cfg.data._target_ == composed.data._target_
     assert cfg.data.get("image_size") == composed.data.get("image_size")
     assert cfg.model == composed.model

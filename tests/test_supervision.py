@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+
 from test_faults import wait_for_running_trial
 
 pytestmark = pytest.mark.slow

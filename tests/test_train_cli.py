@@ -30,7 +30,13 @@ BAD = {
     "one_class": (["data=image_folder", "data.root={one}", "data.cache_dir=null"], "lonely"),
     "cnn_too_small": (["data=synthetic", "data.size=2", "model=cnn"], "2x2"),
     "batch_too_large": (["data=synthetic", "data.batch_size=100000"], "100000"),
+    "bce_ten_classes": (["data=synthetic", "data.classes=10", "model.loss=bce"], "model.loss=bce is for two classes"),
+    "timm_unknown_name": (["data=synthetic", "model=timm", "model.net.name=mobilenetv3_smal_100"],
+                          "did you mean mobilenetv3_small_100"),
+    "timm_weights_missing": (["data=synthetic", "model=timm", "model.net.weights=/no/such.pth"],
+                             "model.net.weights=/no/such.pth is not a file"),
 }
+MODEL_ERRORS = ("bce_ten_classes", "timm_unknown_name", "timm_weights_missing")
 GOOD = {
     "train": ["data=synthetic", "trainer.max_epochs=1", "data.n_train=256", "data.n_test=64"],
     "cfg_job": ["--cfg", "job", "data=digits"],
@@ -87,6 +93,13 @@ def test_bad_input_is_one_short_message(cli, name):
     assert BAD[name][1] in err, err[-3000:]
     assert len(err.strip().splitlines()) <= 10, err[-3000:]
     assert not (cwd / "mlflow.db").exists()  # rejected before any run was created
+
+
+@pytest.mark.parametrize("name", MODEL_ERRORS)
+def test_model_errors_exit_2_with_one_paragraph(cli, name):
+    rc, out, err, cwd = cli[name]
+    assert rc == 2, err[-3000:]
+    assert err.startswith("lab: error: ") and "\n\n" not in err.strip(), err
 
 
 def test_cfg_job_prints_config(cli):

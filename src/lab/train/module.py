@@ -1,4 +1,4 @@
-"""The one LightningModule: cross-entropy on any net, metrics accumulated on the device, logged per epoch.
+"""The one LightningModule: any net, one of LOSSES, metrics accumulated on the device, logged per epoch.
 
 Logging per step costs 0.63-0.68x of a plain loop's speed on an H100 (docs/design.md section 2), so
 training_step only updates torchmetrics states; values are computed and logged once an epoch.
@@ -40,13 +40,20 @@ def call_factory(factory, arg, key: str):
                        f"`lab train --cfg job` prints them.") from err
 
 
+# cross_entropy: softmax over K logits. bce: one logit z, P(class 1) = sigmoid(z), as the Keras cats-vs-dogs
+# lesson's single sigmoid unit. mse: mean over the K classes of (softmax p - one-hot)^2, as the slides define it.
+# label_smoothing moves every target to (1 - e) * one-hot + e / K for all three.
+LOSSES = ("cross_entropy", "bce", "mse")
+
+
 class Diverged(RuntimeError):
     """Loss became NaN or infinite: the run failed, whatever Lightning would make of it."""
 
 
 class Classifier(pl.LightningModule):
     def __init__(self, net: torch.nn.Module, optimizer, scheduler=None, class_names: list[str] = (),
-                 label_smoothing: float = 0.0, l1: float = 0.0, scheduler_monitor: str = "val/loss"):
+                 label_smoothing: float = 0.0, l1: float = 0.0, scheduler_monitor: str = "val/loss",
+                 loss: str = "cross_entropy", backbone_lr_scale: float = 1.0):
         super().__init__()
         if not 0 <= label_smoothing < 1:
             raise LabError(f"model.label_smoothing={label_smoothing} is not valid: use a value in [0, 1).")
@@ -56,6 +63,27 @@ class Classifier(pl.LightningModule):
         self.class_names = list(class_names)
         self.label_smoothing, self.l1, self.scheduler_monitor = label_smoothing, l1, scheduler_monitor
         k = len(self.class_names)
+        self.loss = loss
+        if loss not in LOSSES:
+            raise LabError(f"model.loss={loss!r} is not known: choose one of {list(LOSSES)}.")
+        if loss == "bce":
+            if k != 2:
+                raise LabError(f"model.loss=bce is for two classes (one sigmoid output), but the data has {k}: "
+                               f"{', '.join(self.class_names)}. Use model.loss=cross_entropy or mse for {k} classes.")
+            if not hasattr(net, "reset_classifier"):
+                raise LabError(f"model.loss=bce needs a net with one output, but {type(net).__name__} has no "
+                               "reset_classifier(n) to give it one; use model.loss=cross_entropy.")
+            net.reset_classifier(1)
+        self.backbone_lr_scale = backbone_lr_scale
+        if not 0 <= backbone_lr_scale < math.inf:
+            raise LabError(f"model.backbone_lr_scale={backbone_lr_scale} is not valid: give the backbone's learning "
+                           "rate as a fraction of the head's, >= 0 (0: frozen, 0.1: a tenth, 1: the same).")
+        if backbone_lr_scale != 1 and not hasattr(net, "backbone"):
+            raise LabError(f"model.backbone_lr_scale={backbone_lr_scale} needs a pretrained backbone (model=timm, "
+                           f"model=resnet); {type(net).__name__} has none: leave it at 1.")
+        if backbone_lr_scale == 0:
+            for p in net.backbone.parameters():
+                p.requires_grad_(False)
         # nan_strategy="disable": a NaN loss must poison the mean (and fail the run), not be dropped from it.
         self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(2))
         # Training: (sum of per-sample losses, correct predictions) added up on the device, sample count on
@@ -84,25 +112,54 @@ class Classifier(pl.LightningModule):
     def backbone(self) -> torch.nn.Module:
         """The net's feature extractor, for Lightning's BackboneFinetuning; nets without one have none."""
         if not hasattr(self.net, "backbone"):
-            raise AttributeError(f"{type(self.net).__name__} has no backbone to freeze; use model=resnet")
+            raise AttributeError(f"{type(self.net).__name__} has no backbone to freeze; use model=timm or model=resnet")
         return self.net.backbone
 
     def forward(self, x):
         return self.net(x)
 
+    def class_logits(self, outputs):
+        """The net's outputs as (N, K) logits whose softmax is the class probabilities: for bce's one logit z,
+        [0, z] (softmax of it: 1 - sigmoid(z), sigmoid(z)); its argmax is class 1 exactly when z > 0."""
+        if self.loss == "bce":
+            return torch.cat([torch.zeros_like(outputs), outputs], 1)
+        return outputs
+
+    def probabilities(self, outputs):
+        """(N, K) class probabilities from the net's outputs, for every loss (predictions; metrics take
+        class_logits, whose argmax is the same)."""
+        return self.class_logits(outputs).float().softmax(1)
+
     def on_fit_start(self):
         if self.device.type == "cuda":  # NHWC weights to match the channels_last batches: cuDNN's fast convs
             self.net.to(memory_format=torch.channels_last)
+        # For size/accuracy trade-offs: logged once, exactly (MLflow stores a double), whatever is frozen.
+        n_params = sum(p.numel() for p in self.net.parameters())
+        for logger in self.loggers:
+            logger.log_metrics({"model/params": float(n_params)}, step=0)
 
-    def _loss(self, logits, y, reduction="mean"):
-        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing, reduction=reduction)
+    def on_train_epoch_start(self):
+        self.net.train()  # PretrainedNet: batch norm frozen (or unfrozen) since the last epoch follows its weights
+
+    def _loss(self, outputs, y, reduction="mean"):
+        if self.loss == "cross_entropy":
+            return F.cross_entropy(outputs, y, label_smoothing=self.label_smoothing, reduction=reduction)
+        e = self.label_smoothing
+        if self.loss == "bce":  # outputs: (N, 1) logits
+            target = y.float() * (1 - e) + e / 2
+            return F.binary_cross_entropy_with_logits(outputs[:, 0].float(), target, reduction=reduction)
+        k = outputs.shape[1]
+        target = F.one_hot(y, k).float() * (1 - e) + e / k
+        per_sample = (outputs.float().softmax(1) - target).pow(2).mean(1)  # (N,)
+        return per_sample.mean() if reduction == "mean" else per_sample
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        logits = self(x)
-        loss = self._loss(logits, y)
+        outputs = self(x)
+        loss = self._loss(outputs, y)
         with torch.no_grad():  # a short last batch counts by its size
-            self.train_sums.add_(torch.stack([loss.float() * y.numel(), (logits.argmax(1) == y).sum().float()]))
+            right = (self.class_logits(outputs).argmax(1) == y).sum().float()
+            self.train_sums.add_(torch.stack([loss.float() * y.numel(), right]))
         self.train_n += y.numel()
         if self.l1:
             loss = loss + self.l1 * sum(p.abs().sum() for p in self.net.parameters() if p.requires_grad)
@@ -128,9 +185,9 @@ class Classifier(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        logits = self(x)
-        self.val_loss.update(self._loss(logits, y, reduction="none"))  # (batch,) per-sample losses
-        self.val_metrics.update(logits, y)
+        outputs = self(x)
+        self.val_loss.update(self._loss(outputs, y, reduction="none"))  # (batch,) per-sample losses
+        self.val_metrics.update(self.class_logits(outputs), y)
 
     def on_validation_epoch_end(self):
         values = {f"val/{k}": v for k, v in self.val_metrics.compute().items()}
@@ -144,9 +201,9 @@ class Classifier(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         x, y = batch
-        logits = self(x)
-        self.test_loss.update(self._loss(logits, y, reduction="none"))
-        self.test_metrics.update(logits, y)
+        outputs = self(x)
+        self.test_loss.update(self._loss(outputs, y, reduction="none"))
+        self.test_metrics.update(self.class_logits(outputs), y)
 
     def on_test_epoch_end(self):
         m = {k: v.cpu() for k, v in self.test_metrics.compute().items()}
@@ -170,8 +227,17 @@ class Classifier(pl.LightningModule):
         self.test_metrics.reset()
 
     def configure_optimizers(self):
-        optimizer = call_factory(self.optimizer_factory, [p for p in self.parameters() if p.requires_grad],
-                                 "model.optimizer")
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = params
+        if self.backbone_lr_scale not in (0, 1):  # the backbone's group: its lr set below, after the optimizer's
+            in_backbone = {id(p) for p in self.net.backbone.parameters()}
+            backbone = [p for p in params if id(p) in in_backbone]
+            groups = [{"params": [p for p in params if id(p) not in in_backbone]}]
+            groups += [{"params": backbone, "backbone": True}] if backbone else []  # frozen by a callback: none
+        optimizer = call_factory(self.optimizer_factory, groups, "model.optimizer")
+        for group in optimizer.param_groups:
+            if group.get("backbone"):
+                group["lr"] = group["lr"] * self.backbone_lr_scale
         if self.scheduler_factory is None:
             return optimizer
         scheduler = call_factory(self.scheduler_factory, optimizer, "model.scheduler")

@@ -1,9 +1,12 @@
-"""Plain nn.Modules. Each takes in_shape=(C, H, W) and num_classes from the datamodule at build time."""
+"""Plain nn.Modules. Each takes in_shape=(C, H, W) and num_classes from the datamodule at build time;
+reset_classifier(n) gives one a new last layer of n outputs (model.loss=bce asks for 1).
+Any timm architecture: lab/train/timm_net.py."""
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lab.errors import LabError
 
@@ -41,14 +44,73 @@ def dense_stack(n_in: int, hidden: list[int], act: str, dropout: float) -> tuple
     return nn.Sequential(*layers), n_in
 
 
+def reset_last(layers: nn.Sequential, num_classes: int, init: str) -> None:
+    """A new last Linear layer with num_classes outputs (1 for model.loss=bce), initialized as the net was."""
+    layers[-1] = nn.Linear(layers[-1].in_features, num_classes)
+    initialize(layers[-1], init)
+
+
+class OwnParams(nn.Module):
+    """The parameters a container module holds itself (a ViT's cls_token and pos_embed) as a leaf module of
+    their own: Lightning's BackboneFinetuning freezes and unfreezes leaf modules' parameters only."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        for name, p in module.named_parameters(recurse=False):
+            self.register_parameter(name, p)  # the same Parameter objects, not copies
+
+
+class PretrainedNet(nn.Module):
+    """A (pretrained) feature extractor, self.model, and a new class head: the one split that freeze,
+    Lightning's BackboneFinetuning and Classifier's backbone_lr_scale act on. Subclasses define head."""
+
+    @property
+    def head(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def backbone(self) -> nn.ModuleList:
+        """Every leaf module outside the head (plus containers' own parameters), for freezing or a lower lr."""
+        in_head = {id(m) for m in self.head.modules()}
+        parts: list[nn.Module] = []
+        for m in self.model.modules():
+            if id(m) in in_head:
+                continue
+            if next(m.children(), None) is None:
+                parts.append(m)
+            elif next(m.parameters(recurse=False), None) is not None:
+                parts.append(OwnParams(m))
+        return nn.ModuleList(parts)
+
+    def freeze_backbone(self) -> None:
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        # A batch norm layer whose weights are frozen also keeps its running statistics (what Keras does for
+        # a frozen base): in train mode they would drift to the new data under weights that cannot follow.
+        super().train(mode)
+        if mode:
+            for m in self.modules():
+                params = list(m.parameters(recurse=False))
+                if isinstance(m, _BatchNorm) and params and not any(p.requires_grad for p in params):
+                    m.eval()
+        return self
+
+
 class Linear(nn.Module):
     """Flatten -> one affine layer -> class logits (softmax lives in the loss)."""
 
     def __init__(self, in_shape, num_classes: int, init: str = "default"):
         super().__init__()
         c, h, w = in_shape
+        self.init = init
         self.layers = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, num_classes))
         initialize(self, init)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        reset_last(self.layers, num_classes, self.init)
 
     def forward(self, x):
         return self.layers(x)
@@ -60,8 +122,12 @@ class MLP(nn.Module):
         super().__init__()
         c, h, w = in_shape
         body, width = dense_stack(c * h * w, list(hidden), activation, dropout)
+        self.init = init
         self.layers = nn.Sequential(nn.Flatten(), body, nn.Linear(width, num_classes))
         initialize(self, init)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        reset_last(self.layers, num_classes, self.init)
 
     def forward(self, x):
         return self.layers(x)
@@ -97,15 +163,19 @@ class CNN(nn.Module):
             blocks += [make_activation(activation), pools[pool](2)]
             c, h, w = out, h // 2, w // 2
         body, width = dense_stack(c * h * w, list(hidden), activation, dropout)
+        self.init = init
         self.features = nn.Sequential(*blocks)
         self.head = nn.Sequential(nn.Flatten(), body, nn.Linear(width, num_classes))
         initialize(self, init)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        reset_last(self.head, num_classes, self.init)
 
     def forward(self, x):
         return self.head(self.features(x))
 
 
-class ResNet(nn.Module):
+class ResNet(PretrainedNet):
     """torchvision ResNet with a new head. weights: null (random), a torchvision weights name such as
     "IMAGENET1K_V1" (needs the hub cache or a network), or a path to a local state_dict file."""
 
@@ -138,16 +208,17 @@ class ResNet(nn.Module):
                                          bias=False)
             with torch.no_grad():
                 self.model.conv1.weight.copy_(old.weight.sum(1, keepdim=True).expand_as(self.model.conv1.weight))
-        if freeze == "backbone":
-            for p in self.model.parameters():
-                p.requires_grad_(False)
         features = self.model.fc.in_features
         self.model.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
+        if freeze == "backbone":
+            self.freeze_backbone()
 
     @property
-    def backbone(self) -> nn.Module:
-        """Everything but the new head, for freezing (BackboneFinetuning) or a lower learning rate."""
-        return nn.ModuleList(m for name, m in self.model.named_children() if name != "fc")
+    def head(self) -> nn.Module:
+        return self.model.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.model.fc[1] = nn.Linear(self.model.fc[1].in_features, num_classes)
 
     def forward(self, x):
         return self.model(x)
