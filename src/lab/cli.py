@@ -12,7 +12,16 @@ import signal
 import sys
 import warnings
 
-from lab.errors import Interrupted, LabError, close_matches, disk_full, raise_interrupted, unknown_key, user_error
+from lab.errors import (
+    DISK_FULL,
+    Interrupted,
+    LabError,
+    close_matches,
+    disk_full,
+    raise_interrupted,
+    unknown_key,
+    user_error,
+)
 
 EXIT_USER_ERROR = 2
 
@@ -25,7 +34,8 @@ def quiet_libraries() -> None:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage()
     )
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # CRITICAL: it logs each database error with a traceback before raising it, and lab says it once itself.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
@@ -312,8 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         full = disk_full(err)
         if full is not None:
             where = f" ({full.filename})" if getattr(full, "filename", None) else ""
-            print(f"lab: error: the disk is full{where}: free some space (or point --out / MLFLOW_TRACKING_URI at "
-                  "another disk) and run the same command again; what was recorded so far is kept.", file=sys.stderr)
+            print(f"lab: error: {DISK_FULL.format(where=where)}", file=sys.stderr)
             sys.exit(1)
         if user_error(err) is None:
             raise

@@ -40,6 +40,15 @@ def user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+DISK_FULL_WORDS = ("database or disk is full", "No space left on device", "Disk quota exceeded")
+DISK_FULL = ("the disk is full{where}: free some space (or point --out / MLFLOW_TRACKING_URI at another disk) "
+             "and run the same command again; what was recorded so far is kept.")
+
+
+def says_disk_full(text: str) -> bool:
+    return any(words in text for words in DISK_FULL_WORDS)
+
+
 def disk_full(exc: BaseException) -> BaseException | None:
     """The error behind exc that says a disk (or a quota) is full: OSError ENOSPC/EDQUOT, or SQLite's words
     for it (as MLflow's and Optuna's stores pass them on)."""
@@ -49,7 +58,7 @@ def disk_full(exc: BaseException) -> BaseException | None:
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
             return seen
-        if "database or disk is full" in str(seen) or "No space left on device" in str(seen):
+        if says_disk_full(str(seen)):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from lab import config
-from lab.errors import Interrupted, LabError, raise_interrupted
+from lab.errors import DISK_FULL, Interrupted, LabError, raise_interrupted, says_disk_full
 from lab.sweep import live, liveness, pool, records, spec, worker
 from lab.sweep import study as studies
 from lab.train import tracking
@@ -198,6 +198,10 @@ def finish(sweep, study, parent: str, uri: str, interrupted, streak, deadline) -
     if interrupted:
         print(f"interrupted: run the same command again to resume ({used}/{sweep.spec.n_trials} trials used).")
         sys.exit(EXIT_INTERRUPTED)
+    launch = study.user_attrs.get(studies.LAUNCH_ATTR, -1)
+    if status == "FAILED" and any(says_disk_full(studies.fail_reason(t)) for t in
+                                  study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number > launch):
+        print(f"lab: error: {DISK_FULL.format(where='')}", file=sys.stderr)
     if streak:
         reasons = sorted({studies.fail_reason(t) for t in streak})
         print(f"stopped: {len(streak)} trials in a row failed (max_failures={sweep.spec.max_failures}), "
@@ -222,19 +226,20 @@ def close_if_done(sweep: spec.Sweep, study: optuna.Study, uri: str, storage: str
     last worker to finish, or `lab best`, does, with the summary. Returns the run id it closed."""
     parent = study.user_attrs.get(records.PARENT_ATTR)
     client = MlflowClient(uri)
-    try:
-        if not parent or client.get_run(parent).info.status != "RUNNING":
-            return None
-    except MlflowException:  # the run lives in another tracking store than this command's
-        return None
+    # All under the lock: of two workers finishing together, one closes the run and the other finds it closed.
     with studies.budget_lock(storage, sweep.spec.study):
+        try:
+            if not parent or client.get_run(parent).info.status != "RUNNING":
+                return None
+        except MlflowException:  # the run lives in another tracking store than this command's
+            return None
         if (study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) or studies.queued_retries(study)
                 or not studies.done(sweep, study, studies.make_sampler(sweep))):
             return None
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    records.end_orphaned_runs(client, parent, study)
-    records.log_summary(client, parent, study)
-    client.set_terminated(parent, "FINISHED" if complete else "FAILED")
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        records.end_orphaned_runs(client, parent, study)
+        records.log_summary(client, parent, study)
+        client.set_terminated(parent, "FINISHED" if complete else "FAILED")
     return parent
 
 

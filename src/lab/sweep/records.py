@@ -4,10 +4,12 @@ import csv
 import io
 import json
 import logging
+import time
 import warnings
 
 import optuna  # noqa: E402
 from mlflow.entities import Param  # noqa: E402
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
@@ -102,7 +104,20 @@ def end_orphaned_runs(client: MlflowClient, parent: str, study: optuna.Study) ->
     return ended
 
 
-def update_best(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
+def update_best(client: MlflowClient, run_id: str, study: optuna.Study, attempts: int = 3) -> None:
+    """The parent run's best-so-far. Workers finishing together write the same tags, and MLflow's SQL store
+    inserts a new tag after looking for it, so one of two racing writes fails (UNIQUE constraint): try again,
+    and at worst leave it to the next trial or the summary."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _write_best(client, run_id, study)
+        except MlflowException as err:
+            if attempt == attempts:
+                log.warning("best-so-far of parent run %s not updated: %s", run_id, str(err).splitlines()[0])
+            time.sleep(0.2 * attempt)
+
+
+def _write_best(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     counts = studies.counts(trials)  # a trial cut off and queued again counts once, as its retry
