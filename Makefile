@@ -21,7 +21,7 @@ demo: install
 	$(LAB) best sweeps/quickstart.yaml
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
