@@ -112,6 +112,9 @@ def repair(path: Path) -> Path | None:
     if not path.is_file():
         return None
     data = path.read_bytes()
+    # Every line one whole record (a torn one lacks its newline, or has a record glued on): nothing to decode.
+    if data.endswith(b"\n") and data.count(RECORD_START) == data.count(b"\n"):
+        return None
     kept, torn = [], []
     for line in data.splitlines(keepends=True):
         if not line.endswith(b"\n"):

@@ -294,14 +294,13 @@ def check_paths(sweep: Sweep) -> None:
             cfg = compose(sweep.trial_overrides({name: value}, base=True), f"parameter {name!r} = {value!r}")
         if categorical and len(probes) < len(dist.choices):
             parser = OverridesParser.create()
-            for value in dist.choices:
-                # The value as Hydra reads the trial's override (a quoted "64" in the file is the number 64 then).
-                own = parser.parse_override(sweep.trial_overrides({name: value})[0]).value()
-                try:
-                    job.check_value(cfg, override_key(name), OmegaConf.to_object(own)
-                                    if OmegaConf.is_config(own) else own)
-                except LabError as err:
-                    raise LabError(f"{sweep.path}: params.{name}: {err}") from err
+            # Each value as Hydra reads the trial's override (a quoted "64" in the file is the number 64 then).
+            values = (parser.parse_override(sweep.trial_overrides({name: value})[0]).value() for value in dist.choices)
+            try:
+                job.check_values(cfg, override_key(name),
+                                 (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for v in values))
+            except LabError as err:
+                raise LabError(f"{sweep.path}: params.{name}: {err}") from err
 
 
 def from_args(args, check: bool = True) -> Sweep:

@@ -151,6 +151,16 @@ def locate(key: str, dotted: str):
     raise LabError(f"{key}={dotted} is not valid: there is no module {parts[0]!r}.")
 
 
+def _check_leaf(key: str, value, param: inspect.Parameter | None) -> None:
+    """RULES for the keys that have one, else the type the argument it feeds admits."""
+    if key in RULES:
+        test, valid = RULES[key]
+        if not test(value):
+            raise LabError(f"{key}={value!r} is not valid: it must be {valid}.")
+    elif param is not None:
+        _check_value(key, value, param)
+
+
 def _check_node(cfg: DictConfig, node: DictConfig, path: str) -> None:
     params, name = accepted_keys(cfg, path)
     if params is not None:  # lab passes the required ones it does not take from the config (params, in_shape...)
@@ -165,12 +175,7 @@ def _check_node(cfg: DictConfig, node: DictConfig, path: str) -> None:
         if params is not None and key not in params:
             raise unknown_key(full, params, name)
         value = node[key]
-        if full in RULES:
-            test, valid = RULES[full]
-            if not test(value):
-                raise LabError(f"{full}={value!r} is not valid: it must be {valid}.")
-        elif params is not None:
-            _check_value(full, value, params[key])
+        _check_leaf(full, value, params[key] if params is not None else None)
         if isinstance(value, DictConfig):
             _check_node(cfg, value, full)
 
@@ -190,21 +195,16 @@ def check_config(cfg: DictConfig) -> None:
             call_factory(instantiate(cfg.model.scheduler), optimizer, "model.scheduler")
 
 
-def check_value(cfg: DictConfig, key: str, value) -> None:
-    """key=value checked as check_config would check it inside cfg, without composing cfg again: a sweep's
-    categorical may list thousands of values."""
-    if key in RULES:
-        test, valid = RULES[key]
-        if not test(value):
-            raise LabError(f"{key}={value!r} is not valid: it must be {valid}.")
-        return
+def check_values(cfg: DictConfig, key: str, values) -> None:
+    """Each key=value checked as check_config would check it inside cfg, without composing cfg again for each:
+    a sweep's categorical may list thousands of values."""
     parent, _, leaf = key.rpartition(".")
     params, _ = accepted_keys(cfg, parent)
-    if params and leaf in params:
-        _check_value(key, value, params[leaf])
     current = OmegaConf.select(cfg, key, default=None)
-    if _number(current) and not _number(value) and value is not None:
-        raise LabError(f"{key}={value!r} is not valid: it is a number in the config ({current!r}).")
+    for value in values:
+        _check_leaf(key, value, (params or {}).get(leaf))
+        if _number(current) and not _number(value) and value is not None:
+            raise LabError(f"{key}={value!r} is not valid: it is a number in the config ({current!r}).")
 
 
 def set_threads(cfg: DictConfig) -> None:

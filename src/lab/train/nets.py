@@ -99,7 +99,17 @@ class PretrainedNet(nn.Module):
         return self
 
 
-class Linear(nn.Module):
+class LayerStack(nn.Module):
+    """A net that is one nn.Sequential, `layers`, ending in its classifier (a Linear)."""
+
+    def reset_classifier(self, num_classes: int) -> None:
+        reset_last(self.layers, num_classes, self.init)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class Linear(LayerStack):
     """Flatten -> one affine layer -> class logits (softmax lives in the loss)."""
 
     def __init__(self, in_shape, num_classes: int, init: str = "default"):
@@ -109,14 +119,8 @@ class Linear(nn.Module):
         self.layers = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, num_classes))
         initialize(self, init)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        reset_last(self.layers, num_classes, self.init)
 
-    def forward(self, x):
-        return self.layers(x)
-
-
-class MLP(nn.Module):
+class MLP(LayerStack):
     def __init__(self, in_shape, num_classes: int, hidden: list[int] = (128,), activation: str = "relu",
                  dropout: float = 0.0, init: str = "he"):
         super().__init__()
@@ -125,12 +129,6 @@ class MLP(nn.Module):
         self.init = init
         self.layers = nn.Sequential(nn.Flatten(), body, nn.Linear(width, num_classes))
         initialize(self, init)
-
-    def reset_classifier(self, num_classes: int) -> None:
-        reset_last(self.layers, num_classes, self.init)
-
-    def forward(self, x):
-        return self.layers(x)
 
 
 class CNN(nn.Module):
