@@ -307,10 +307,10 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "overrides", None):
         args.overrides = expand_home(args.overrides)
     from lab import server
-    from lab.analysis import confirm, report
+    from lab.analysis import best, confirm, report
     from lab.data import fetch
     from lab.sweep import commands as sweep
-    commands = {"sweep": sweep.sweep_command, "worker": sweep.worker_command, "best": sweep.best_command,
+    commands = {"sweep": sweep.sweep_command, "worker": sweep.worker_command, "best": best.command,
                 "server": server.command, "data": fetch.data_command, "confirm": confirm.command,
                 "report": report.command}
     try:
