@@ -302,7 +302,8 @@ class Swept:
 class Reported:
     path: Path
     stdout: str
-    plots: set[str]  # the alt text of every plot the page must hold
+    plots: set[str]  # the alt text of every image the page must hold
+    interactive: set[str]  # the Optuna plots it must hold as plotly figures (div id plot-NAME)
 
 
 @pytest.fixture(scope="session")
@@ -337,8 +338,8 @@ def reported(swept) -> Reported:
     done = _run_lab(["report", swept.sweep_file], swept.tmp, swept.env, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     return Reported(swept.tmp / "runs" / swept.name / "report.html", done.stdout,
-                    {"optimization_history", "param_importances", "parallel_coordinate", "learning curves",
-                     "confusion matrix", "per-class F1"})
+                    {"learning curves", "confusion matrix", "per-class F1", "misclassified test images"},
+                    {"optimization_history", "param_importances", "parallel_coordinate", "slice"})
 
 
 @pytest.fixture

@@ -83,14 +83,20 @@ def test_mlflow_ui_shows_the_sweep_and_serves_its_artifacts(server, browser, tmp
     assert "confusion_matrix.png" in {f["path"] for f in listed["files"]}
     assert get(f"{base}/get-artifact?path=confusion_matrix.png&run_uuid={child}").startswith(b"\x89PNG\r\n\x1a\n")
 
+    experiment = json.loads(get(f"{base}/api/2.0/mlflow/experiments/get?experiment_id={swept.experiment_id}"))
+    tags = {t["key"]: t["value"] for t in experiment["experiment"].get("tags", [])}
+    assert tags.get("mlflow.experimentKind") == "custom_model_development"
+
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     page.set_default_timeout(UI_TIMEOUT_MS)
-    # The experiment's bare URL opens MLflow 3's GenAI overview; the training runs table is /runs.
-    page.goto(f"{base}/#/experiments/{swept.experiment_id}/runs")
+    # MLflow 3.17's UI picks its view from its GenAI / Model training switch (the URL's workflowType, remembered
+    # in the browser), not from the tag; the bare URL opens the GenAI overview. The switch's own URL:
+    page.goto(f"{base}/#/experiments/{swept.experiment_id}?workflowType=machine_learning")
     parent_cell = page.locator("[role=gridcell]", has_text=f"sweep-{study}")
     parent_cell.wait_for()
     parent_cell.get_by_role("button").first.click()  # child runs are folded under their parent
     page.get_by_role("link", name="trial-0", exact=True).wait_for()
+    assert "/runs" in page.url and "workflowType=machine_learning" in page.url  # the training runs table
     page.screenshot(path=tmp_path / "experiment.png")
 
     page.goto(f"{base}/#/experiments/{swept.experiment_id}/runs/{swept.parent_id}")
@@ -105,12 +111,30 @@ def test_mlflow_ui_shows_the_sweep_and_serves_its_artifacts(server, browser, tmp
     page.close()
 
 
-def test_report_images_render_in_the_browser(browser, reported, tmp_path):
+def test_report_images_and_interactive_plots_render_in_the_browser(browser, reported, tmp_path):
     page = browser.new_page(viewport={"width": 1200, "height": 900})
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
     page.goto(reported.path.as_uri())
     page.wait_for_load_state("load")
     images = page.evaluate("[...document.images].map(i => ({alt: i.alt, width: i.naturalWidth, done: i.complete}))")
     assert {i["alt"] for i in images} == reported.plots
     assert all(i["done"] and i["width"] > 0 for i in images), images
+    # Plotly drew every study plot from the inlined plotly.js: .js-plotly-plot is what Plotly.newPlot adds.
+    page.wait_for_function("typeof Plotly !== 'undefined' && document.querySelectorAll('.js-plotly-plot').length >= "
+                           f"{len(reported.interactive)}", timeout=60_000)
+    drawn = page.evaluate("[...document.querySelectorAll('.js-plotly-plot')].map(d => ({id: d.id, "
+                          "traces: d.data.length, height: d.getBoundingClientRect().height}))")
+    assert {d["id"] for d in drawn} == {f"plot-{n}" for n in reported.interactive}
+    assert all(d["traces"] >= 1 and d["height"] > 100 for d in drawn), drawn
+    # It responds: a zoom (what a drag does) changes the axis range, and hovering a point shows its label.
+    history = "document.getElementById('plot-optimization_history')"
+    page.evaluate(f"Plotly.relayout({history}, {{'xaxis.range': [0.5, 1.5]}})")
+    assert page.evaluate(f"{history}.layout.xaxis.range") == [0.5, 1.5]
+    page.locator("#plot-optimization_history").scroll_into_view_if_needed()
+    page.screenshot(path=tmp_path / "report_plot.png")
+    page.evaluate(f"Plotly.Fx.hover({history}, [{{curveNumber: 0, pointNumber: 0}}])")
+    page.wait_for_function(f"{history}.querySelectorAll('.hoverlayer .hovertext').length > 0", timeout=10_000)
+    assert all(url.startswith(("file:", "data:", "about:")) for url in requests), requests  # nothing from the network
     page.screenshot(path=tmp_path / "report.png", full_page=True)
     page.close()

@@ -5,6 +5,7 @@ import csv
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -12,6 +13,7 @@ import pytest
 from optuna.trial import TrialState
 
 from lab.analysis import confirm, report
+from lab.sweep import spec
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -69,12 +71,52 @@ def test_report_is_one_self_contained_page_logged_on_the_parent(swept, reported)
                                                            page))
     assert set(images) == reported.plots, page[:2000]
     assert all(base64.b64decode(data).startswith(PNG) for data in images.values())
-    assert "<script" not in page and "<link" not in page and "http://" not in page and "https://" not in page
+    # Nothing fetched when opened: no script, style sheet or image from elsewhere (plotly.js's own source holds
+    # URLs as strings, so the test looks at tags, not at the text).
+    assert not re.search(r"<(script|img|iframe)[^>]*\ssrc=[\"']?(https?:)?//", page) and "<link" not in page
+    assert len(re.findall(r"\* plotly\.js v\d", page)) == 1 and page.count("window.PlotlyConfig") == 1
+    assert set(re.findall(r'<div id="plot-(\w+)" class="plotly-graph-div"', page)) == reported.interactive
+    assert page.count("Plotly.newPlot(") == len(reported.interactive)
+    n = len(swept.study.get_trials(states=(TrialState.COMPLETE,)))
+    importances = page[page.index("<h3>param importances</h3>"):page.index('<div id="plot-param_importances"')]
+    assert f"Computed from {n} finished trials (fewer than 10)" in importances
+
     best = swept.study.best_trial
     assert f"Best trial {best.number}:" in page and best.user_attrs["mlflow_run_id"] in page
+    run = swept.client.get_run(best.user_attrs["mlflow_run_id"])
+    tested = re.search(r"<tr><td>test/acc</td><td>([^<]+)</td></tr>", page)
+    assert tested and float(tested.group(1)) == pytest.approx(run.data.metrics["test/acc"], rel=1e-5)
+    for key, value in run.data.metrics.items():  # the per-class table: one row per class, its F1 as logged
+        if key.startswith("test/f1/"):
+            row = re.search(rf"<tr><td>{re.escape(key.removeprefix('test/f1/'))}</td>((?:<td>[^<]*</td>){{4}})</tr>",
+                            page)
+            assert row and float(re.findall(r"<td>([^<]*)</td>", row.group(1))[2]) == pytest.approx(value, rel=1e-5)
+    assert "<h2>Confirmation</h2>" in page
     assert {"COMPLETE", "val/acc", "maximize", "model.optimizer.lr"} <= set(re.findall(r"[\w./]+", page))
     logged = swept.client.download_artifacts(swept.parent_id, "report.html", str(path.parent.parent))
     assert Path(logged).read_text() == page
+
+
+def test_report_shows_confirm_results_and_links_to_a_tracking_server(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.create_run(client.create_experiment("c")).info.run_id
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("mlflow_parent_run_id", parent)
+    sweep = SimpleNamespace(spec=spec.SweepSpec(study="c"), typed="c.yaml", path="c.yaml")
+    uri = client.tracking_uri
+    assert "lab confirm has not run on this study" in report.confirm_section(client, uri, sweep, study)
+    rows = [{"rank": 1, "trial": 4, "seeds": 3, "sweep_value": 0.9, "mean": 0.875, "std": 0.0125,
+             "test_acc_mean": 0.86, "test_acc_std": 0.02, "params": '{"lr": 0.01}'}]
+    confirm.log_parent(client, parent, rows, rows[0])  # what `lab confirm` logs
+    section = report.confirm_section(client, uri, sweep, study)
+    assert "<td>0.875 +- 0.0125</td>" in section and "<td>0.86 +- 0.02</td>" in section
+    assert "Confirmed winner: trial 4." in section
+    # links only where the tracking URI is a server the reader can open
+    exp = client.get_run(parent).info.experiment_id
+    assert report.Runs(uri, exp).url(parent) is None
+    assert report.Runs("http://u:secret@host:5000/", exp).url(parent) == f"http://u:***@host:5000/#/experiments/{exp}/runs/{parent}?workflowType=machine_learning"
 
 
 def test_top_trials_respects_direction_and_skips_unfinished():
@@ -91,5 +133,6 @@ def test_report_says_when_importances_cannot_be_drawn():
     study = optuna.create_study()
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     section = report.study_plots(study)
-    assert section.count('<img src="data:image/png;base64,') == 2  # history and parallel coordinates
+    assert section.count('class="plotly-graph-div"') == 3  # history, parallel coordinates, slice
+    assert section.count("window.PlotlyConfig") == 1  # plotly.js with the first figure only
     assert "not drawn: 1 completed trial(s); param_importances needs 2 or more." in section

@@ -65,7 +65,7 @@ def test_readme_after_a_sweep_lines_run(lab, sweeps_dir):
     done = lab("sweep", "sweeps/quickstart.yaml", "--workers", "2", "--no-live", "--n-trials", "3",
                "trainer.max_epochs=1", timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
-    after = [c for c in COMMANDS if c[0] in ("best", "confirm", "report")
+    after = [c for c in COMMANDS if c[0] in ("best", "confirm", "report", "ensemble")
              or (c[0] == "train" and "experiment=quickstart_best" in c)]
     assert [c[0] for c in after][:2] == ["best", "train"]
     for argv in after:

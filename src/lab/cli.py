@@ -54,6 +54,8 @@ COMMANDS = (
     ("best", "SWEEP.yaml", "print a sweep's best trial and save it as an experiment config"),
     ("confirm", "SWEEP.yaml", "rerun a sweep's best trials with several seeds: mean +- std"),
     ("report", "SWEEP.yaml", "write a sweep's results as one HTML page"),
+    ("predict", "MODEL IMAGES", "classify image files with a run's, a sweep's or a registered model"),
+    ("ensemble", "SWEEP.yaml", "average the best trials' predictions on the test set, beside the best one"),
     ("data", "fetch NAME", "download a dataset: flowers, cats_dogs, mnist, fashion_mnist"),
     ("server", "", "run an MLflow tracking server to browse the results"),
 )
@@ -178,20 +180,32 @@ def train_command(argv: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from lab import config
-    from lab.train import job
+    from lab.train import job, tracking
+
+    started = {}  # client and run_id once job.run has created the run
 
     @hydra.main(config_path=str(config.conf_dir()), config_name="train", version_base="1.3")
     def main(cfg) -> None:
         try:
             job.run(cfg, HydraConfig.get().runtime.output_dir, run_name=cfg.mlflow.run_name,
-                    tags={"lab.command": "lab train " + " ".join(HydraConfig.get().overrides.task)})
+                    tags={"lab.command": "lab train " + " ".join(HydraConfig.get().overrides.task)},
+                    on_run=lambda client, run_id: started.update(client=client, run_id=run_id))
+        except (KeyboardInterrupt, SystemExit) as stop:
+            # Lightning turns Ctrl-C inside fit into SystemExit(1) (and prints its own words); outside fit it is a
+            # KeyboardInterrupt. The run was ended KILLED either way (tracking.run).
+            if "run_id" not in started:
+                raise
+            raise Interrupted("Ctrl-C" if isinstance(stop, KeyboardInterrupt) or stop.code == 1 else str(stop)) from stop
         except Exception as err:  # noqa: BLE001 - only user errors are shortened; the rest re-raise
             if user_error(err) is None:
                 raise
             fail(user_error(err))
+        uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+        print(tracking.summary(started["client"], uri, started["run_id"]), flush=True)
 
     sys.argv = ["lab train", *with_overrides(expand_home(argv), config.search_path_override())]
     signal.signal(signal.SIGTERM, raise_interrupted)  # the run ends KILLED, the exit status says so
+    signal.signal(signal.SIGINT, raise_interrupted)  # Ctrl-C too, in lab's words (not Lightning's SystemExit(1))
     # Without HYDRA_FULL_ERROR, Hydra prints its own errors and exits 1; with it, they reach the except below.
     # Whoever set it already wants full tracebacks, and keeps them.
     traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -199,7 +213,9 @@ def train_command(argv: list[str]) -> None:
     try:
         main()
     except Interrupted as stop:
-        print(f"lab: interrupted by {stop}; the MLflow run was marked KILLED", file=sys.stderr)
+        by = "Ctrl-C (SIGINT)" if str(stop) in ("SIGINT", "Ctrl-C") else stop
+        what = f"the MLflow run {started['run_id']} was marked KILLED" if started else "no MLflow run had started"
+        print(f"lab: interrupted by {by}; {what}", file=sys.stderr)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - only config errors are shortened; the rest re-raise
         message = None if traces else hydra_error_message(err)
@@ -225,6 +241,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     from lab import server
     from lab.analysis import (
         confirm,  # mlflow, sklearn, matplotlib: seconds, not for `lab --help`
+        ensemble,
+        predict,
         report,
     )
     from lab.data import fetch
@@ -262,10 +280,14 @@ def sweep_parser() -> argparse.ArgumentParser:
     best.add_argument("--out", default=None)
     best.add_argument("--study", default=None, help="the study's name, when it was started with --study")
     best.add_argument("--export", default=None, help="write the experiment YAML here (default: conf/experiment/)")
+    best.add_argument("--trial", type=int, default=None,
+                      help="export this trial (a Pareto front member, a runner-up) instead of the best")
     server.add_parser(sub)
     fetch.add_parser(sub)
     confirm.add_parser(sub)
     report.add_parser(sub)
+    predict.add_parser(sub)
+    ensemble.add_parser(sub)
     return parser
 
 
@@ -307,12 +329,12 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "overrides", None):
         args.overrides = expand_home(args.overrides)
     from lab import server
-    from lab.analysis import best, confirm, report
+    from lab.analysis import best, confirm, ensemble, predict, report
     from lab.data import fetch
     from lab.sweep import commands as sweep
     commands = {"sweep": sweep.sweep_command, "worker": sweep.worker_command, "best": best.command,
                 "server": server.command, "data": fetch.data_command, "confirm": confirm.command,
-                "report": report.command}
+                "report": report.command, "predict": predict.command, "ensemble": ensemble.command}
     try:
         commands[args.command](args)
     except (Interrupted, KeyboardInterrupt) as stop:  # outside a sweep's orderly stop: at start, while plotting

@@ -11,6 +11,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from lab import uris
 from lab.errors import LabError
 from lab.train import tracking
 
@@ -90,4 +91,6 @@ def command(args) -> None:
     print(f"MLflow server: http://{args.host}:{args.port}  backend {tracking.mask_password(backend)}, "
           f"artifacts {Path(args.artifacts).resolve()}")
     print(f"workers: export MLFLOW_TRACKING_URI=http://{args.host}:{args.port}")
+    print(f"open: http://{args.host}:{args.port}/#/experiments?{uris.TRAINING_VIEW}  (the model-training view; MLflow "
+          "opens its GenAI view otherwise)")
     sys.exit(subprocess.call(cmd))

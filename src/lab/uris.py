@@ -18,3 +18,16 @@ def absolute_uri(uri: str) -> str:
 
 def is_rdb(storage: str) -> bool:
     return "://" in storage
+
+
+# MLflow 3.x's UI shows an experiment in its GenAI or its model-training view by a switch kept in the browser
+# (the URL's workflowType, then local storage); the experiment tag mlflow.experimentKind alone does not turn it.
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def experiment_url(server: str, experiment_id: str) -> str:
+    return f"{mask_password(server).rstrip('/')}/#/experiments/{experiment_id}?{TRAINING_VIEW}"
+
+
+def run_url(server: str, experiment_id: str, run_id: str) -> str:
+    return f"{mask_password(server).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"

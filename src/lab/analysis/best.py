@@ -8,8 +8,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from lab import config
+from lab.analysis import registry
 from lab.errors import LabError
-from lab.sweep import commands, spec
+from lab.sweep import outcome, ranking, spec
 from lab.sweep import study as studies
 from lab.train import tracking
 from lab.uris import absolute_uri
@@ -26,21 +27,40 @@ def experiment_yaml(sweep: spec.Sweep, trial: optuna.trial.FrozenTrial) -> str:
             groups.append({f"override /{key}": override.value()})
         else:
             OmegaConf.update(values, key, override.value(), force_add=True)
-    header = (f"# @package _global_\n# Best trial {trial.number} of study {sweep.spec.study}: "
-              f"{sweep.spec.metric}={trial.value:.6g}\n# params: {json.dumps(trial.params)}\n"
+    names = [o.metric for o in spec.objectives(sweep.spec)]
+    header = (f"# @package _global_\n# Trial {trial.number} of study {sweep.spec.study}: "
+              f"{ranking.values_text(names, trial)}\n# params: {json.dumps(trial.params)}\n"
               f"# trained as: lab train {shlex.join(sweep.replay_overrides(trial))}\n")
     return header + OmegaConf.to_yaml(OmegaConf.merge({"defaults": [*experiments, *groups, "_self_"]}, values))
+
+
+def chosen_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    trial = trials.get(number)
+    if trial is None or not trial.params:
+        have = [n for n, t in trials.items() if t.params]
+        raise LabError(f"--trial {number} is not a trial of study {study.study_name!r} with parameters: its trials "
+                       f"are {have[0]}..{have[-1]}." if have else f"--trial {number}: study {study.study_name!r} "
+                       "has no trial yet.")
+    return trial
 
 
 def command(args) -> None:
     sweep = spec.from_args(args, check=False)
     _, storage = studies.locate(sweep, args.storage, args.out)
     study = studies.load(sweep, storage)
-    commands.close_if_done(sweep, study, absolute_uri(tracking.tracking_uri()), storage)
-    best = commands.print_best(sweep, study)
-    if best is None:
-        raise LabError(f"study {sweep.spec.study!r} has no completed trial to export yet.")
-    path = Path(args.export) if args.export else config.export_dir() / f"{sweep.spec.study}_best.yaml"
+    outcome.close_if_done(sweep, study, absolute_uri(tracking.tracking_uri()), storage)
+    best = outcome.print_best(sweep, study)
+    name = f"{sweep.spec.study}_best"
+    if args.trial is not None:  # any trial of any study: a Pareto front member, a runner-up
+        best, name = chosen_trial(study, args.trial), f"{sweep.spec.study}_trial{args.trial}"
+        names = [o.metric for o in spec.objectives(sweep.spec)]
+        print(f"trial {best.number} ({best.state.name}): {ranking.values_text(names, best)}")
+    elif best is None:
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        raise LabError(f"study {sweep.spec.study!r} has no completed trial to export yet"
+                       + (" that meets the constraints: export one with --trial N." if complete else "."))
+    path = Path(args.export) if args.export else config.export_dir() / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(experiment_yaml(sweep, best))
     print(f"exported: {path}")
@@ -49,3 +69,5 @@ def command(args) -> None:
         print(f"reproduce: lab train experiment={path.stem}")
     else:
         print(f"reproduce: move it to {config.export_dir()}/ and run lab train experiment={path.stem}")
+    if args.trial is None:  # the winner becomes models:/<study>@champion; a member picked by hand does not
+        registry.register(sweep.spec.study, best)

@@ -18,14 +18,14 @@ from optuna.trial import TrialState
 from lab import config
 from lab.analysis import results
 from lab.errors import LabError
+from lab.sweep import ranking
 
 TEST_METRIC = "test/acc"
 
 
 def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
-    return sorted(complete, key=lambda t: (sign * t.value, t.number))[:k]
+    """The best k feasible trials (several objectives: the Pareto front first, by the first objective)."""
+    return [t for t in ranking.ranked(study) if ranking.feasible(t)][:k]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -69,7 +69,7 @@ def winner(study: optuna.Study, rows: list[dict]) -> dict | None:
     ranked = [r for r in rows if math.isfinite(r["mean"])]
     if not ranked:
         return None
-    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    pick = max if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else min  # the first objective
     return pick(ranked, key=lambda r: r["mean"])
 
 
@@ -93,17 +93,21 @@ def command(args) -> None:
     parent = results.parent_run_id(study)
     trials = top_trials(study, args.top)
     if not trials:
-        raise LabError(f"study {sweep.spec.study!r} has no completed trial to confirm.")
-    print(f"confirming the best {len(trials)} trial(s) of {sweep.spec.study!r} with seeds 0..{args.seeds - 1}: "
+        raise LabError(f"study {sweep.spec.study!r} has no completed trial to confirm"
+                       + (" that meets its constraints." if study.get_trials(states=(TrialState.COMPLETE,)) else "."))
+    # A seeded study trained seeds 0..K-1 (offsets of cfg.seed) inside each trial: confirm on the next ones.
+    first = sweep.spec.seeds if sweep.spec.seeds > 1 else 0
+    seeds = range(first, first + args.seeds)
+    print(f"confirming the best {len(trials)} trial(s) of {sweep.spec.study!r} with seeds {first}..{seeds[-1]}: "
           f"{len(trials) * args.seeds} runs under parent run {parent}")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # K*S runs: one line each, not Lightning's banner
     rows = []
     for rank, trial in enumerate(trials, 1):
-        runs = [rerun(sweep, trial, seed, out_dir, parent) for seed in range(args.seeds)]
+        runs = [rerun(sweep, trial, seed, out_dir, parent) for seed in seeds]
         done = [m for m in runs if m is not None]
         mean, std = mean_std([m.get(sweep.spec.metric) for m in done])
         test_mean, test_std = mean_std([m.get(TEST_METRIC) for m in done])
-        rows.append({"rank": rank, "trial": trial.number, "seeds": len(done), "sweep_value": trial.value,
+        rows.append({"rank": rank, "trial": trial.number, "seeds": len(done), "sweep_value": trial.values[0],
                      "mean": mean, "std": std, "test_acc_mean": test_mean, "test_acc_std": test_std,
                      "params": json.dumps(trial.params)})
     best = winner(study, rows)

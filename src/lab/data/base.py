@@ -17,6 +17,7 @@ from lab.errors import LabError
 class Images:
     x: torch.Tensor  # (N, C, H, W) uint8
     y: torch.Tensor  # (N,) int64
+    paths: list[str] | None = None  # each image's source file (image folders), kept through the split
 
 
 @dataclass
@@ -156,7 +157,10 @@ class TensorDataModule(pl.LightningDataModule):
         order = torch.randperm(len(train.y), generator=g)
         n_val = max(1, round(len(order) * self.val_fraction))
         n_test = 0 if loaded.test is not None else max(1, round(len(order) * self.test_fraction))
-        pick = lambda idx: Images(train.x[idx], train.y[idx])  # noqa: E731
+        def pick(idx: torch.Tensor) -> Images:
+            paths = [train.paths[i] for i in idx.tolist()] if train.paths is not None else None
+            return Images(train.x[idx], train.y[idx], paths)
+
         self.splits = {
             "val": pick(order[:n_val]),
             "test": loaded.test if loaded.test is not None else pick(order[n_val : n_val + n_test]),

@@ -89,25 +89,26 @@ class ImageFolder(TensorDataModule):
             stored = torch.load(cache, weights_only=True)
             self._check_strict(stored["skipped"])  # the cache may come from a run with data.strict=false
             self.skipped += stored["skipped"]
-            return Images(stored["x"], stored["y"])
+            left_out = set(stored["skipped"])
+            return Images(stored["x"], stored["y"], [path for path, _ in samples if path not in left_out])
         with ThreadPoolExecutor(self.decode_threads) as pool:  # libjpeg decoding releases the GIL
             images = list(pool.map(lambda s: decode(s[0], size, channels), samples))
         bad = [path for (path, _), img in zip(samples, images) if img is None]
         self._check_strict(bad)
         if bad:
             log.warning("skipping %d unreadable image(s): %s", len(bad), bad[:10])
-        keep = [(img, label) for (_, label), img in zip(samples, images) if img is not None]
+        keep = [(img, label, path) for (path, label), img in zip(samples, images) if img is not None]
         if not keep:
             raise LabError(f"data.root={self.root}: none of the {len(samples)} images could be decoded.")
-        x = torch.stack([img for img, _ in keep])
-        y = torch.tensor([label for _, label in keep], dtype=torch.long)
+        x = torch.stack([img for img, _, _ in keep])
+        y = torch.tensor([label for _, label, _ in keep], dtype=torch.long)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".{os.getpid()}.tmp")
             torch.save({"x": x, "y": y, "skipped": bad}, tmp)
             os.replace(tmp, cache)  # atomic: concurrent workers never read a half-written cache
         self.skipped += bad
-        return Images(x, y)
+        return Images(x, y, [path for _, _, path in keep])
 
     def load(self) -> Loaded:
         if self.image_size is None:

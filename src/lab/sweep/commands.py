@@ -5,20 +5,19 @@ The parent process validates everything, creates the MLflow DB and the study bef
 """
 import logging
 import os
-import shlex
 import signal
 import sys
 import time
 
 import optuna
 import torch
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from lab import config
 from lab.errors import DISK_FULL, Interrupted, LabError, raise_interrupted, says_disk_full
-from lab.sweep import live, liveness, pool, records, spec, worker
+from lab.sweep import live, liveness, outcome, pool, records, spec, worker
+from lab.sweep import stop as stop_rules
 from lab.sweep import study as studies
 from lab.train import tracking
 from lab.uris import absolute_uri, mask_password
@@ -101,7 +100,16 @@ def sweep_command(args) -> None:
     for note in sweep.notes:
         print(f"note: {note}")
     uri = absolute_uri(tracking.tracking_uri())
+    said = len(sweep.notes)
     study = studies.create_or_resume(sweep, storage, repair=True)  # refuses a changed sweep before MLflow is touched
+    for note in sweep.notes[said:]:  # what a warm start dropped
+        print(f"note: {note}")
+    why = stop_rules.reason(sweep.spec.stop, sweep.spec.metric, study)
+    if why:
+        print(f"study {sweep.spec.study}: its stop rule already holds ({why}); nothing to train. Change or remove "
+              f"`stop:` in {sweep.path} to go on.")
+        outcome.print_best(sweep, study)
+        return
     tracking.experiment_id(uri, sweep.mlflow_experiment)
     studies.begin_launch(sweep, study)
     reaped = reap(study, sweep, uri, storage)
@@ -182,7 +190,9 @@ def finish(sweep, study, parent: str, uri: str, interrupted, streak, deadline) -
     skipped = records.log_summary(client, parent, study)
     used = studies.used_budget(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    ended = studies.done(sweep, study, studies.make_sampler(sweep)) or deadline is not None
+    why = None if interrupted or streak else stop_rules.reason(sweep.spec.stop, sweep.spec.metric, study)
+    ended = studies.done(sweep, study, studies.make_sampler(sweep)) or deadline is not None or why is not None
+    outcome.record_stop(client, parent, study, why)
     if interrupted:
         status = "KILLED"
     else:
@@ -190,7 +200,9 @@ def finish(sweep, study, parent: str, uri: str, interrupted, streak, deadline) -
     client.set_terminated(parent, status)
     if skipped and complete:
         print(f"plots not drawn yet (need more completed trials): {', '.join(skipped)}")
-    print_best(sweep, study)
+    outcome.print_best(sweep, study)
+    if why:
+        print(f"stopped: {why} ({used}/{sweep.spec.n_trials} trials used).")
     if interrupted:
         print(f"interrupted: run the same command again to resume ({used}/{sweep.spec.n_trials} trials used).")
         sys.exit(EXIT_INTERRUPTED)
@@ -215,28 +227,6 @@ def finish(sweep, study, parent: str, uri: str, interrupted, streak, deadline) -
         print(f"workers stopped before the budget was spent ({used}/{sweep.spec.n_trials}); see their logs.",
               file=sys.stderr)
         sys.exit(1)
-
-
-def close_if_done(sweep: spec.Sweep, study: optuna.Study, uri: str, storage: str) -> str | None:
-    """Cluster flow (`lab sweep --prepare`, then `lab worker`s): no parent process ends the parent run, so the
-    last worker to finish, or `lab best`, does, with the summary. Returns the run id it closed."""
-    parent = study.user_attrs.get(records.PARENT_ATTR)
-    client = MlflowClient(uri)
-    # All under the lock: of two workers finishing together, one closes the run and the other finds it closed.
-    with studies.budget_lock(storage, sweep.spec.study):
-        try:
-            if not parent or client.get_run(parent).info.status != "RUNNING":
-                return None
-        except MlflowException:  # the run lives in another tracking store than this command's
-            return None
-        if (study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) or studies.queued_retries(study)
-                or not studies.done(sweep, study, studies.make_sampler(sweep))):
-            return None
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        records.end_orphaned_runs(client, parent, study)
-        records.log_summary(client, parent, study)
-        client.set_terminated(parent, "FINISHED" if complete else "FAILED")
-    return parent
 
 
 def worker_command(args) -> None:
@@ -266,19 +256,7 @@ def worker_command(args) -> None:
         sys.exit(pool.EXIT_HALTED)
     print(f"worker done: {ran} trial(s)")
     if not os.environ.get(pool.PARENT_ENV):  # started by hand: maybe the last one of a cluster sweep
-        closed = close_if_done(sweep, studies.load(sweep, storage, "lab worker"), tracking.tracking_uri(), storage)
+        closed = outcome.close_if_done(sweep, studies.load(sweep, storage, "lab worker"), tracking.tracking_uri(),
+                                       storage)
         if closed:
             print(f"the sweep is done: closed its MLflow parent run {closed} with the summary")
-
-
-def print_best(sweep: spec.Sweep, study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        print("no completed trial yet")
-        return None
-    best = study.best_trial
-    print(f"best trial {best.number}: {sweep.spec.metric}={best.value:.6g}")
-    for name, value in best.params.items():
-        print(f"  {name} = {value}")
-    print("replay: lab train " + shlex.join(sweep.replay_overrides(best)))
-    return best

@@ -7,6 +7,8 @@ import time
 import optuna
 from optuna.trial import TrialState
 
+from lab.sweep import ranking, seeds
+from lab.sweep import stop as stop_rules
 from lab.sweep import study as studies
 from lab.sweep.pool import Pool
 from lab.sweep.spec import Sweep
@@ -18,16 +20,25 @@ def lines(sweep: Sweep, study: optuna.Study, pool: Pool, started: float) -> list
     elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - started))
     out = [f"{sweep.spec.study}  complete {n['complete']}  running {n['running']}  pruned {n['pruned']}"
            f"  failed {n['failed']}" + (f"  queued again {n['retried']}" if n["retried"] else "")
+           + (f"  stopped after fewer seeds {cut}" if (cut := sum(seeds.PRUNED in t.user_attrs for t in trials)) else "")
            + f"  of {sweep.spec.n_trials}  [{elapsed}]"]
-    if n["complete"]:
-        best = study.best_trial
+    if n["complete"] and len(study.directions) > 1:
+        out.append(f"Pareto front: trials {[t.number for t in ranking.front(study)]}")
+    elif n["complete"] and ranking.best(study) is not None:  # None: no trial meets the constraints yet
+        best = ranking.best(study)
         out.append(f"best {sweep.spec.metric}={best.value:.4f} (trial {best.number}) {json.dumps(best.params)}")
+    why = stop_rules.reason(sweep.spec.stop, sweep.spec.metric, study)
+    if why:
+        out.append(f"stopping: {why}; running trials finish, no new ones start")
     running = {t.user_attrs.get("worker"): t for t in trials if t.state == TrialState.RUNNING}
     for slot in pool.slots:
         trial = running.get(slot.name)
         if trial is not None:
-            epoch = max(trial.intermediate_values, default=None)
-            where = f"trial {trial.number}" + (f" epoch {epoch + 1}" if epoch is not None else "")
+            step = max(trial.intermediate_values, default=None)  # an epoch, or with seeds: K a seed index
+            if sweep.spec.seeds > 1:
+                where = f"trial {trial.number} seed {len(trial.intermediate_values) + 1}/{sweep.spec.seeds}"
+            else:
+                where = f"trial {trial.number}" + (f" epoch {step + 1}" if step is not None else "")
         else:
             where = "running" if pool.alive(slot.name) else "done"
         out.append(f"  {slot.name:<8} {slot.device:<7} {where}")
@@ -47,12 +58,12 @@ class LiveView:
             self.stream.write(up + "\n".join(text) + "\n")
             self.shown = len(text)
         elif self.changed(text):
-            best = text[1] if len(text) > 1 and text[1].startswith("best") else ""
-            self.stream.write(text[0] + (f"  {best}" if best else "") + "\n")
+            said = [line for line in text[1:] if line.startswith(("best", "stopping"))]
+            self.stream.write("  ".join([text[0], *said]) + "\n")
         self.stream.flush()
         self.last = text
 
     def changed(self, text: list[str]) -> bool:
         counts = lambda t: t[0].rsplit("  [", 1)[0] if t else ""  # noqa: E731 - the first line less its clock
-        best = lambda t: t[1] if len(t) > 1 and t[1].startswith("best") else ""  # noqa: E731
+        best = lambda t: [line for line in t[1:] if line.startswith(("best", "stopping"))]  # noqa: E731
         return counts(text) != counts(self.last) or best(text) != best(self.last)

@@ -14,12 +14,14 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from lab import figures
+from lab.sweep import ranking
 from lab.sweep import study as studies
 from lab.sweep.spec import Sweep
 from lab.train import tracking
 
 log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
+PRUNED_SUFFIX = " (pruned)"
 
 
 def parent_run(study: optuna.Study, sweep: Sweep, uri: str, storage: str) -> str:
@@ -45,7 +47,11 @@ def parent_run(study: optuna.Study, sweep: Sweep, uri: str, storage: str) -> str
     params = {"study": spec.study, "experiment": spec.experiment, "overrides": json.dumps(sweep.base_overrides),
               "metric": spec.metric, "direction": spec.direction, "n_trials": spec.n_trials,
               "sampler": json.dumps(spec.sampler), "pruner": json.dumps(spec.pruner),
-              "storage": tracking.mask_password(storage), "search_space": sweep.space_json()}
+              "storage": tracking.mask_password(storage), "search_space": sweep.space_json(),
+              "seeds": spec.seeds, "aggregate": spec.aggregate}
+    if spec.objectives or spec.constraints:  # several objectives: metric/direction name the first only
+        params["objectives"] = studies.identity(sweep)["lab.objectives"]
+        params["constraints"] = studies.identity(sweep)["lab.constraints"]
     client.log_batch(run_id, params=[Param(k, str(v)[: tracking.MAX_PARAM_CHARS]) for k, v in params.items()])
     client.log_text(run_id, sweep.path.read_text(), "sweep.yaml")
     study.set_user_attr(PARENT_ATTR, run_id)
@@ -60,6 +66,10 @@ def tag_run(uri: str, trial: optuna.trial.FrozenTrial | optuna.Trial, state: str
     client.set_tag(run_id, "trial.state", state)
     if reason:
         client.set_tag(run_id, "trial.reason", reason[:5000])
+    if state == "PRUNED":  # the runs table shows names, not tags: a pruned trial's FINISHED run reads as one
+        name = client.get_run(run_id).info.run_name or f"trial-{trial.number}"
+        if not name.endswith(PRUNED_SUFFIX):
+            client.update_run(run_id, name=name + PRUNED_SUFFIX)
 
 
 def end_failed(uri: str, trial: optuna.trial.FrozenTrial, reason: str) -> None:
@@ -80,8 +90,18 @@ def abandoner(uri: str, max_retries: int):
         if run_id and MlflowClient(uri).get_run(run_id).info.status == "RUNNING":
             tag_run(uri, trial, "RETRIED" if again else "FAIL", reason)
             MlflowClient(uri).set_terminated(run_id, "FAILED")
+            end_seed_runs(MlflowClient(uri), run_id)
 
     return abandon
+
+
+def end_seed_runs(client: MlflowClient, trial_run_id: str) -> None:
+    """A seeded trial's seed run that was training when its worker died (seeds: K nests them under the
+    trial's run); the seeds it finished stay FINISHED, and its retry carries them."""
+    exp = client.get_run(trial_run_id).info.experiment_id
+    for run in client.search_runs([exp], f"tags.mlflow.parentRunId = '{trial_run_id}' and attributes.status = 'RUNNING'"):
+        client.set_tag(run.info.run_id, "lab.end", "closed by lab: its worker died")
+        client.set_terminated(run.info.run_id, "FAILED")
 
 
 def end_orphaned_runs(client: MlflowClient, parent: str, study: optuna.Study) -> int:
@@ -126,7 +146,16 @@ def _write_best(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
         client.log_metric(run_id, metric, counts[key], step=len(trials))
     if not done:
         return
-    best = study.best_trial
+    if len(study.directions) > 1:  # no single best: the front's size and members
+        members = ranking.front(study)
+        client.log_metric(run_id, "pareto_size", len(members), step=len(trials))
+        client.set_tag(run_id, "pareto_size", str(len(members)))
+        client.set_tag(run_id, "pareto_trials", json.dumps([t.number for t in members]))
+        return
+    best = ranking.best(study)
+    if best is None:  # every completed trial breaks a constraint
+        client.set_tag(run_id, "best_trial", "none feasible")
+        return
     client.log_metric(run_id, "best_value", best.value, step=len(trials))
     client.set_tag(run_id, "best_trial", str(best.number))
     client.set_tag(run_id, "best_params", json.dumps(best.params))
@@ -146,7 +175,7 @@ def log_summary(client: MlflowClient, run_id: str, study: optuna.Study) -> list[
         writer.writerows(rows)
         client.log_text(run_id, buf.getvalue(), "trials.csv")
     skipped = []
-    for name in figures.STUDY_PLOTS:
+    for name in figures.plots_for(study):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "experimental" notices on every matplotlib plot

@@ -17,13 +17,24 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lab import config
 from lab.errors import LabError
+from lab.sweep import stop as stop_rules
+from lab.sweep import warm
 
-SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc")
-PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc", "nsga2")
+PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon")
+EPOCH_PRUNERS = ("median", "percentile", "successive_halving", "hyperband")  # they compare epochs, not seeds
+AGGREGATES = ("mean", "lcb")
+LOG_MODELS = ("all", "best")
 DIRECTIONS = ("maximize", "minimize")
 PARAM_TYPES = ("float", "int", "categorical")
 EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro")
 FINAL_METRICS = ("test/loss", "test/acc", "test/precision_macro", "test/recall_macro", "test/f1_macro")
+# Measured once per run (train/measure.py): parameters, forward FLOPs per image, batch-1 latency, images/s.
+MODEL_METRICS = ("model/params", "model/flops", "model/latency_ms", "model/throughput")
+# Samplers that learn from results but ignore constraints (Optuna's CMA-ES says so on every trial), or that
+# cannot take several objectives at all (CMA-ES raises). TPE, NSGA-II and GP read trial.constraints.
+IGNORE_CONSTRAINTS = ("cmaes",)
+SINGLE_OBJECTIVE = ("cmaes",)
 
 
 @dataclass
@@ -34,6 +45,19 @@ class ParamSpec:
     log: bool = False
     step: float | None = None
     choices: list[Any] | None = None
+
+
+@dataclass
+class ObjectiveSpec:
+    metric: str = "val/acc"
+    direction: str = "maximize"
+
+
+@dataclass
+class BoundSpec:
+    """A constraint on a logged metric: feasible when min <= value <= max (either may be left out)."""
+    min: float | None = None
+    max: float | None = None
 
 
 @dataclass
@@ -52,6 +76,14 @@ class SweepSpec:
     mlflow_experiment: str | None = None  # default: the study name
     max_failures: int = 5  # consecutive failed trials that stop the sweep; 0: never stop
     max_retries: int = 2  # times a trial whose worker process died is run again before it fails for good
+    seeds: int = 1  # each trial trains with seeds seed, seed+1, ..., seed+K-1; its value aggregates them (seeds.py)
+    aggregate: str = "mean"  # over the seeds: mean, or lcb = mean -/+ one standard error (the cautious choice)
+    warm_start: list[Any] = field(default_factory=list)  # exported best files or {study, storage, top} (warm.py)
+    stop: dict[str, Any] = field(default_factory=dict)  # {target: value} and/or {patience: N trials} (stop.py)
+    log_models: str = "all"  # all: every trial run logs its model; best: none (`lab best` logs the winner's)
+    # Several objectives replace metric/direction (which then name the first): the study keeps a Pareto front.
+    objectives: list[ObjectiveSpec] = field(default_factory=list)
+    constraints: dict[str, BoundSpec] = field(default_factory=dict)  # metric -> {min, max}
 
 
 def encode_choice(value: Any) -> Any:
@@ -216,11 +248,16 @@ def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None
     for key, value in (("n_trials", n_trials), ("max_failures", max_failures), ("max_retries", max_retries)):
         if value is not None:
             setattr(spec, key, value)
+    check_objectives(spec, raw, path)
     check_spec(spec, path)
+    check_seeds(spec, path)
+    stop_rules.check(spec.stop, path)
+    warm.check(spec.warm_start, path)
     space = {name: distribution(name, p) for name, p in spec.params.items()}
     exp = [f"experiment={spec.experiment}"] if spec.experiment else []
     sweep = Sweep(spec, path, space, merge_overrides(exp, spec.overrides, list(extra_overrides)), list(extra_overrides),
                   typed=typed)
+    sweep.notes += seed_notes(spec)
     if check:
         check_paths(sweep)
     for i, values in enumerate(spec.enqueue):
@@ -253,16 +290,110 @@ def check_spec(spec: SweepSpec, path: Path) -> None:
     if spec.max_retries < 0:
         raise LabError(f"{path}: max_retries={spec.max_retries} is not valid: give how many times a trial whose "
                        "worker died is run again (0 or more).")
-    known = spec.metric in EPOCH_METRICS + FINAL_METRICS or spec.metric.startswith("test/f1/")
-    if not known:
+    if not known_metric(spec.metric):
         raise LabError(f"{path}: metric={spec.metric!r} is not a logged metric: choose one of "
-                       f"{list(EPOCH_METRICS + FINAL_METRICS)} or test/f1/<class>.")
+                       f"{list(EPOCH_METRICS + FINAL_METRICS + MODEL_METRICS)} or test/f1/<class>.")
     if spec.sampler.get("name") not in SAMPLERS:
         raise LabError(f"{path}: sampler.name={spec.sampler.get('name')!r} is not valid: choose one of {list(SAMPLERS)}.")
     if spec.pruner.get("name", "none") not in PRUNERS:
         raise LabError(f"{path}: pruner.name={spec.pruner.get('name')!r} is not valid: choose one of {list(PRUNERS)}.")
     if not spec.params:
         raise LabError(f"{path}: 'params' is empty: a sweep needs at least one parameter to search.")
+
+
+def check_seeds(spec: SweepSpec, path: Path) -> None:
+    """seeds, aggregate, log_models, and the pruners that make sense with them (seeds.py runs them)."""
+    if not isinstance(spec.seeds, int) or spec.seeds < 1:
+        raise LabError(f"{path}: seeds={spec.seeds} is not valid: give how many seeds each trial trains with "
+                       "(1: one run per trial, 3 or 5 to average out seed noise).")
+    if spec.aggregate not in AGGREGATES:
+        raise LabError(f"{path}: aggregate={spec.aggregate!r} is not valid: choose mean, or lcb (the mean less one "
+                       "standard error over the seeds, plus for a minimized metric).")
+    if spec.log_models not in LOG_MODELS:
+        raise LabError(f"{path}: log_models={spec.log_models!r} is not valid: all (every trial logs its model) or "
+                       "best (none; `lab best` logs the winner's).")
+    pruner = spec.pruner.get("name", "none")
+    if pruner == "wilcoxon" and spec.seeds < 2:
+        raise LabError(f"{path}: pruner wilcoxon compares a trial's seeds with the best trial's, and seeds="
+                       f"{spec.seeds}: set seeds: 3 or more, or choose another pruner.")
+    if pruner in EPOCH_PRUNERS and spec.seeds > 1:
+        raise LabError(f"{path}: pruner {pruner} compares epochs of one run, and seeds={spec.seeds} trains several "
+                       "runs per trial: use pruner wilcoxon (stops a trial after some seeds) or none.")
+    if spec.seeds > 1 and len(spec.objectives) > 1:
+        raise LabError(f"{path}: seeds={spec.seeds} with several objectives is not supported yet: use seeds: 1, "
+                       "or one objective.")
+
+
+def seed_notes(spec: SweepSpec) -> list[str]:
+    """Wilcoxon's one-sided p after n seeds that all lose is 2**-n, its smallest: a threshold at or below
+    2**-(K-1) can never stop a trial before its last seed (after it there is nothing left to save)."""
+    if spec.pruner.get("name") != "wilcoxon":
+        return []
+    p = float(spec.pruner.get("p_threshold", 0.1))
+    startup = max(2, int(spec.pruner.get("n_startup_steps", 2)))
+    last = spec.seeds - 1  # the most seeds a trial has behind it when pruning still saves one
+    if last >= startup and 2.0 ** -last < p:
+        return []
+    need = max(startup, math.floor(-math.log2(p)) + 1) + 1 if p > 0 else None
+    return [f"pruner wilcoxon will never stop a trial: after {last} of seeds={spec.seeds} the smallest p-value "
+            f"is 2**-{last} = {2.0 ** -last:.3g}, not below p_threshold={p:g} (n_startup_steps={startup}); "
+            + (f"use seeds: {need} or more, or a larger p_threshold." if need else "p_threshold=0 never prunes.")]
+
+
+def known_metric(name: str) -> bool:
+    return name in EPOCH_METRICS + FINAL_METRICS + MODEL_METRICS or name.startswith("test/f1/")
+
+
+def objectives(spec: SweepSpec) -> list[ObjectiveSpec]:
+    """What the study optimizes, in order: the file's objectives, or its one metric and direction."""
+    return list(spec.objectives) or [ObjectiveSpec(spec.metric, spec.direction)]
+
+
+def check_objectives(spec: SweepSpec, raw, path: Path) -> None:
+    """objectives and constraints checked; metric/direction then name the first objective, so that code reading
+    one metric (confirm, the live view) reads the first."""
+    metrics = [o.metric for o in spec.objectives]
+    for i, o in enumerate(spec.objectives):
+        if not known_metric(o.metric):
+            raise LabError(f"{path}: objectives[{i}].metric={o.metric!r} is not a logged metric: choose one of "
+                           f"{list(EPOCH_METRICS + FINAL_METRICS + MODEL_METRICS)} or test/f1/<class>.")
+        if o.direction not in DIRECTIONS:
+            raise LabError(f"{path}: objectives[{i}].direction={o.direction!r} is not valid: choose one of "
+                           f"{list(DIRECTIONS)}.")
+        if o.metric in metrics[:i]:
+            raise LabError(f"{path}: objectives[{i}].metric={o.metric!r} is listed twice: give each metric once.")
+    if spec.objectives:
+        first = spec.objectives[0]
+        for key in ("metric", "direction"):
+            given = raw.get(key) if OmegaConf.is_dict(raw) else None
+            if given is not None and given != getattr(first, key):
+                raise LabError(f"{path}: {key}={given!r} and objectives are both given: objectives replace metric "
+                               f"and direction; drop {key} (objectives[0] says {getattr(first, key)!r}).")
+        spec.metric, spec.direction = first.metric, first.direction
+    for name, bound in spec.constraints.items():
+        if not known_metric(name):
+            raise LabError(f"{path}: constraints.{name} is not a logged metric: constrain one of "
+                           f"{list(EPOCH_METRICS + FINAL_METRICS + MODEL_METRICS)} or test/f1/<class>.")
+        values = [v for v in (bound.min, bound.max) if v is not None]
+        if not values:
+            raise LabError(f"{path}: constraints.{name} sets neither min nor max: give at least one, e.g. "
+                           f"{{max: 1.0e6}}.")
+        if not all(math.isfinite(v) for v in values) or (len(values) == 2 and bound.min > bound.max):
+            raise LabError(f"{path}: constraints.{name}: min={bound.min}, max={bound.max} is not valid: finite "
+                           "numbers with min <= max.")
+    sampler, pruner = spec.sampler.get("name"), spec.pruner.get("name", "none")
+    if len(objectives(spec)) > 1 and sampler in SINGLE_OBJECTIVE:
+        raise LabError(f"{path}: sampler.name={sampler!r} optimizes one objective only: with objectives "
+                       f"{metrics} use tpe, nsga2, gp, random, qmc or grid.")
+    if spec.constraints and sampler in IGNORE_CONSTRAINTS:
+        raise LabError(f"{path}: sampler.name={sampler!r} ignores constraints ({sorted(spec.constraints)}): use "
+                       "tpe, nsga2 or gp, which steer away from infeasible trials (random, qmc and grid do not "
+                       "learn from results at all).")
+    if len(objectives(spec)) > 1 and pruner != "none":
+        raise LabError(f"{path}: pruner.name={pruner!r} cannot be used with several objectives: Optuna records no "
+                       "intermediate values in a multi-objective study (Trial.report raises), so every trial "
+                       "trains to the end. Set pruner: {name: none}, or keep one objective and turn the others "
+                       "into constraints.")
 
 
 def check_paths(sweep: Sweep) -> None:

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import uuid
+import warnings
 import zlib
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from optuna.trial import TrialState
 
 from lab.errors import LabError
 from lab.locks import file_lock
-from lab.sweep import journal
-from lab.sweep.spec import Sweep, grid_values, override_key
+from lab.sweep import journal, warm
+from lab.sweep.spec import Sweep, grid_values, objectives, override_key
 from lab.uris import is_rdb, mask_password
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def make_sampler(sweep: Sweep, worker_id: str | None = None) -> optuna.samplers.
             return GridSampler(space, seed=seed, **options)
         cls = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
                "cmaes": optuna.samplers.CmaEsSampler, "gp": optuna.samplers.GPSampler,
-               "qmc": optuna.samplers.QMCSampler}[name]
+               "qmc": optuna.samplers.QMCSampler, "nsga2": optuna.samplers.NSGAIISampler}[name]
         return cls(seed=seed, **options)
     except TypeError as err:
         raise LabError(f"sampler {name}: {err}. Check the option names in {sweep.path}.") from err
@@ -185,9 +186,11 @@ def make_pruner(sweep: Sweep) -> optuna.pruners.BasePruner:
     cls = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
            "percentile": optuna.pruners.PercentilePruner,
            "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-           "hyperband": optuna.pruners.HyperbandPruner}[name]
+           "hyperband": optuna.pruners.HyperbandPruner, "wilcoxon": optuna.pruners.WilcoxonPruner}[name]
     try:
-        return cls(**options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # Wilcoxon's, on every launch
+            return cls(**options)
     except (TypeError, ValueError) as err:
         raise LabError(f"pruner {name}: {err}. Check the options in {sweep.path}.") from err
 
@@ -196,7 +199,11 @@ def identity(sweep: Sweep) -> dict[str, str]:
     """What a study may not change between launches: resuming under another one would mix results."""
     return {"lab.metric": sweep.spec.metric, "lab.direction": sweep.spec.direction, "lab.space": sweep.space_json(),
             "lab.sampler": json.dumps(sweep.spec.sampler, sort_keys=True),
-            "lab.pruner": json.dumps(sweep.spec.pruner, sort_keys=True)}
+            "lab.pruner": json.dumps(sweep.spec.pruner, sort_keys=True),
+            # Values over another number of seeds, or another aggregate, are not comparable.
+            "lab.seeds": json.dumps({"seeds": sweep.spec.seeds, "aggregate": sweep.spec.aggregate}),
+            "lab.objectives": json.dumps([[o.metric, o.direction] for o in objectives(sweep.spec)]),
+            "lab.constraints": json.dumps({k: [b.min, b.max] for k, b in sweep.spec.constraints.items()}, sort_keys=True)}
 
 
 def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, repair: bool = False,
@@ -212,9 +219,18 @@ def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, r
     if join and sweep.spec.study not in names:
         raise LabError(f"no study {sweep.spec.study!r} in {mask_password(storage)}: a worker joins a study that "
                        f"exists; create it with `lab sweep {sweep.typed or sweep.path} --prepare` (same --storage) first.")
+    # Read and checked before the study exists: a missing file or a value outside the space creates nothing.
+    warm_trials = warm.resolve(sweep) if not join and sweep.spec.study not in names else []
     study = optuna.create_study(study_name=sweep.spec.study, storage=store, sampler=make_sampler(sweep, worker_id),
-                                pruner=make_pruner(sweep), direction=sweep.spec.direction, load_if_exists=True)
+                                pruner=make_pruner(sweep), directions=[o.direction for o in objectives(sweep.spec)],
+                                load_if_exists=True)
     stored = study.user_attrs
+    wanted = [o.direction for o in objectives(sweep.spec)]
+    if [d.name.lower() for d in study.directions] != wanted:  # create_study kept the stored ones silently
+        before = ", ".join(d.name.lower() for d in study.directions)
+        raise LabError(f"study {sweep.spec.study!r} in {mask_password(storage)} was created with direction(s) "
+                       f"{before}, the sweep file now says {', '.join(wanted)}. Resuming would mix incomparable "
+                       "trials: restore the file, or start a new study with --study NAME.")
     if sweep.spec.study in names and stored.get("lab.metric"):
         for key, now in identity(sweep).items():
             if key not in stored:  # a study from before lab stored this part of it
@@ -251,6 +267,7 @@ def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, r
             study.set_user_attr(key, value)
         study.set_user_attr(BASE_ATTR, sweep.base_overrides)
         study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
+        warm.enqueue(study, warm_trials)  # the first trials, before the file's own enqueue list
         for values in sweep.spec.enqueue:
             study.enqueue_trial(values, skip_if_exists=True)
     return study
@@ -437,7 +454,10 @@ def budget_lock(storage: str, study_name: str):
 def trial_table(study: optuna.Study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
-        rows.append({"number": t.number, "state": t.state.name, "value": t.value,
+        values = t.values or []  # several with several objectives (FrozenTrial.value raises then)
+        rows.append({"number": t.number, "state": t.state.name, "value": values[0] if len(values) == 1 else
+                     (json.dumps(values) if values else None),
+                     "constraints": json.dumps(t.constraints) if t.constraints else None,
                      "duration_s": t.duration.total_seconds() if t.duration else None,
                      "worker": t.user_attrs.get("worker"), "reason": t.user_attrs.get("fail_reason"),
                      "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "params": json.dumps(t.params)})

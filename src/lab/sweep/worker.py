@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from lab.errors import Interrupted
 from lab.sweep import liveness, records
+from lab.sweep import stop as stop_rules
 from lab.sweep import study as studies
 from lab.sweep.pool import PARENT_ENV
 from lab.sweep.spec import Sweep
@@ -146,6 +147,11 @@ def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: fl
                 streak = studies.failure_streak(sweep, study)
                 if streak:
                     raise FailureLimit(streak)
+                why = stop_rules.reason(sweep.spec.stop, sweep.spec.metric, study)
+                if why:  # no new trial; running ones (this worker's own is done) finish
+                    stop_rules.record(study, why)
+                    log.info("stop rule: %s", why)
+                    break
                 if studies.done(sweep, study, study.sampler) and not studies.queued_retries(study):
                     # Stay while others run: a trial whose worker died is retried once it is found stale.
                     if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):

@@ -7,6 +7,8 @@ import inspect
 import logging
 import math
 import os
+import re
+import time
 import types
 import typing
 from pathlib import Path
@@ -14,12 +16,14 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from mlflow.entities import Metric
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
+from lab.data.folder import ImageFolder
 from lab.errors import LabError, unknown_key
-from lab.train import checkpoints, tracking
+from lab.train import checkpoints, exported, measure, misclassified, tracking
 from lab.train.checkpoints import LastCheckpoint
 from lab.train.module import Diverged, call_factory
 
@@ -69,6 +73,13 @@ RULES = {
     "data.batch_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1, e.g. 64"),
     "trainer.max_epochs": (lambda v: v is None or (_whole(v) and (v >= 1 or v == -1)),
                            "a whole number of epochs >= 1 (-1: no limit)"),
+    "mlflow.misclassified_per_class": (lambda v: _whole(v) and v >= 0,
+                                       "a whole number of images >= 0 per true class (0: none logged)"),
+    "mlflow.log_model": (lambda v: isinstance(v, bool), "true or false"),
+    "measure.enabled": (lambda v: isinstance(v, bool), "true or false"),
+    "measure.batch_size": (lambda v: v is None or (_whole(v) and v >= 1),
+                           "a whole number >= 1, or null for data.batch_size"),
+    "measure.budget_s": (lambda v: _number(v) and 0 < v < math.inf, "seconds > 0, e.g. 0.3"),
 }
 TRAINER_SET_BY_LAB = ("logger", "callbacks", "default_root_dir")
 
@@ -227,6 +238,53 @@ def build(cfg: DictConfig):
     return datamodule, model
 
 
+def data_name(datamodule) -> str:
+    """digits, fashionmnist; an image folder by its folder's name (flower_photos)."""
+    name = datamodule.root.name if isinstance(datamodule, ImageFolder) else datamodule.name
+    return re.sub(r"[^\w.]+", "_", name.lower())
+
+
+def run_name_prefix(cfg: DictConfig, datamodule, model) -> str:
+    """`<data>-<model>` for a plain `lab train`'s run name: digits-mlp, flower_photos-efficientnet_b0."""
+    net = cfg.model.get("net", {}).get("name") or type(model.net).__name__
+    return data_name(datamodule) + "-" + re.sub(r"[^\w.]+", "_", str(net).lower())
+
+
+def best_epoch(path: str | None) -> int | None:
+    """Lightning's epoch (from 0) in a checkpoint name epoch=3-step=120.ckpt."""
+    found = re.search(r"epoch=(\d+)", Path(path).name) if path else None
+    return int(found.group(1)) if found else None
+
+
+def after_test(cfg: DictConfig, client, run_id: str, uri: str, trainer: pl.Trainer, datamodule, model,
+               step: int) -> dict[str, float]:
+    """What a run records once its tested weights are in the model: misclassified test images, cost metrics
+    (returned), the MLflow model."""
+    test = datamodule.splits["test"]
+    misclassified.log(client, run_id, model.test_samples, test.x, datamodule.class_names, test.paths,
+                      int(cfg.mlflow.get("misclassified_per_class", 8)))
+    costs: dict[str, float] = {}
+    spec = cfg.get("measure") or {}
+    if spec.get("enabled", True):
+        device = trainer.strategy.root_device  # the trial's device, where Lightning's teardown took it from
+        model.net.to(device)
+        try:
+            costs = measure.cost(model.net, tuple(datamodule.shape), int(spec.get("batch_size") or datamodule.batch_size),
+                                 float(spec.get("budget_s", 0.3)), bf16="bf16" in str(trainer.precision))
+        finally:
+            model.net.to("cpu")
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in costs.items() if k != "model/params"],
+                         synchronous=True)
+    if cfg.mlflow.get("log_model", True):
+        try:
+            exported.log(run_id, model, datamodule, uri, step=step)
+        except Exception as err:  # noqa: BLE001 - a net MLflow cannot pickle must not fail a trained, tested run
+            log.warning("the model of run %s was not logged: %s", run_id, err)
+            client.set_tag(run_id, "lab.model_error", f"{type(err).__name__}: {err}"[:5000])
+    return costs
+
+
 def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = (), parent_run_id: str | None = None,
         run_name: str | None = None, tags: dict[str, str] | None = None, on_run=None,
         resume_from: str | None = None, require: str | None = None) -> dict[str, float]:
@@ -247,10 +305,14 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
     run_tags = {"seed": str(cfg.seed), "data": datamodule.name, "model": type(model.net).__name__, **(tags or {})}
     if resume_from:
         resume_from, run_tags["lab.resume"] = checkpoints.resumable(resume_from)
-    with tracking.run(uri, cfg.mlflow.experiment, run_name, parent_run_id, run_tags) as (client, run_id):
+    with tracking.run(uri, cfg.mlflow.experiment, run_name, parent_run_id, run_tags,
+                      name_prefix=run_name_prefix(cfg, datamodule, model)) as (client, run_id):
         if on_run is not None:
             on_run(client, run_id)
         tracking.log_config(client, run_id, cfg)
+        root = getattr(datamodule, "root", None)
+        tracking.log_dataset(client, run_id, datamodule, data_name(datamodule),
+                             str(Path(root).resolve()) if root is not None and Path(root).exists() else None)
         skipped = getattr(datamodule, "skipped", [])
         if skipped:
             client.log_text(run_id, "\n".join(skipped) + "\n", "skipped_images.txt")
@@ -281,6 +343,12 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
         if best:
             client.set_tag(run_id, "checkpoint", best)
         results.update({f"test/f1/{k}": v["f1"] for k, v in model.test_report["classes"].items()})
+        epoch = best_epoch(best)
+        if epoch is not None:
+            client.set_tag(run_id, "lab.best_epoch", str(epoch))  # what `lab train`'s summary prints
+            client.set_tag(run_id, "lab.monitor", str(cfg.monitor.metric))
+        results["model/params"] = float(sum(p.numel() for p in model.net.parameters()))
+        results.update(after_test(cfg, client, run_id, uri, trainer, datamodule, model, trainer.current_epoch))
         if require is not None and require not in results:
             raise LabError(f"metric {require!r} was not logged; logged: {sorted(results)}")
         if require is not None and not math.isfinite(results[require]):  # Optuna would store inf as COMPLETE

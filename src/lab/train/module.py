@@ -46,6 +46,19 @@ def call_factory(factory, arg, key: str):
 LOSSES = ("cross_entropy", "bce", "mse")
 
 
+def class_logits(outputs: torch.Tensor, loss: str) -> torch.Tensor:
+    """The net's outputs as (N, K) logits whose softmax is the class probabilities: for bce's one logit z,
+    [0, z] (softmax of it: 1 - sigmoid(z), sigmoid(z)); its argmax is class 1 exactly when z > 0."""
+    if loss == "bce":
+        return torch.cat([torch.zeros_like(outputs), outputs], 1)
+    return outputs
+
+
+def probabilities(outputs: torch.Tensor, loss: str) -> torch.Tensor:
+    """(N, K) float32 class probabilities from the net's outputs, for every loss."""
+    return class_logits(outputs, loss).float().softmax(1)
+
+
 class Diverged(RuntimeError):
     """Loss became NaN or infinite: the run failed, whatever Lightning would make of it."""
 
@@ -107,6 +120,10 @@ class Classifier(pl.LightningModule):
             }
         )
         self.test_report: dict | None = None  # filled at the end of testing, read by tracking
+        # Per test image, in test-set order (the test batches are not shuffled): loss, true, predicted,
+        # probability of the predicted class, each (N,) on the CPU; for the misclassified-examples view.
+        self.test_samples: dict[str, torch.Tensor] | None = None
+        self._test_parts: list[torch.Tensor] = []
 
     @property
     def backbone(self) -> torch.nn.Module:
@@ -119,16 +136,11 @@ class Classifier(pl.LightningModule):
         return self.net(x)
 
     def class_logits(self, outputs):
-        """The net's outputs as (N, K) logits whose softmax is the class probabilities: for bce's one logit z,
-        [0, z] (softmax of it: 1 - sigmoid(z), sigmoid(z)); its argmax is class 1 exactly when z > 0."""
-        if self.loss == "bce":
-            return torch.cat([torch.zeros_like(outputs), outputs], 1)
-        return outputs
+        return class_logits(outputs, self.loss)
 
     def probabilities(self, outputs):
-        """(N, K) class probabilities from the net's outputs, for every loss (predictions; metrics take
-        class_logits, whose argmax is the same)."""
-        return self.class_logits(outputs).float().softmax(1)
+        """(N, K) class probabilities (predictions; metrics take class_logits, whose argmax is the same)."""
+        return probabilities(outputs, self.loss)
 
     def on_fit_start(self):
         if self.device.type == "cuda":  # NHWC weights to match the channels_last batches: cuDNN's fast convs
@@ -175,7 +187,7 @@ class Classifier(pl.LightningModule):
 
     def _log_train_epoch(self):
         loss, acc = self.train_epoch_means()
-        self.log_dict({"train/loss": loss, "train/acc": acc})
+        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True)  # the bar shows the last epoch's
         if not math.isfinite(loss):
             raise Diverged(f"training loss is {loss} in epoch {self.current_epoch}")
 
@@ -191,7 +203,8 @@ class Classifier(pl.LightningModule):
 
     def on_validation_epoch_end(self):
         values = {f"val/{k}": v for k, v in self.val_metrics.compute().items()}
-        self.log_dict({"val/loss": self.val_loss.compute(), **values})
+        self.log_dict({"val/loss": self.val_loss.compute(), "val/acc": values.pop("val/acc")}, prog_bar=True)
+        self.log_dict(values)
         self.val_loss.reset()
         self.val_metrics.reset()
         # Train metrics are logged here too, so that callbacks that run at validation end (pruning,
@@ -199,11 +212,18 @@ class Classifier(pl.LightningModule):
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking and self.train_n:
             self._log_train_epoch()
 
+    def on_test_epoch_start(self):
+        self._test_parts = []
+
     def test_step(self, batch, batch_idx):
         x, y = batch
         outputs = self(x)
-        self.test_loss.update(self._loss(outputs, y, reduction="none"))
+        losses = self._loss(outputs, y, reduction="none")  # (batch,)
+        self.test_loss.update(losses)
         self.test_metrics.update(self.class_logits(outputs), y)
+        probability, predicted = self.probabilities(outputs).max(1)
+        # (batch, 4) on the device, read back once at the end: no host sync per batch.
+        self._test_parts.append(torch.stack([losses.float(), y.float(), predicted.float(), probability], 1))
 
     def on_test_epoch_end(self):
         m = {k: v.cpu() for k, v in self.test_metrics.compute().items()}
@@ -223,6 +243,10 @@ class Classifier(pl.LightningModule):
             },
         }
         self.log_dict(scalars)
+        parts = torch.cat(self._test_parts).cpu() if self._test_parts else torch.zeros(0, 4)
+        self._test_parts = []
+        self.test_samples = {"loss": parts[:, 0], "true": parts[:, 1].long(), "predicted": parts[:, 2].long(),
+                             "probability": parts[:, 3]}
         self.test_loss.reset()
         self.test_metrics.reset()
 

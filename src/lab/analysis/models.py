@@ -1,0 +1,180 @@
+"""A trained model named the ways users name one: run id, models:/ URI, sweep file, checkpoint path.
+
+What every form resolves to is a Model: a torch module taking normalised float (N, C, H, W) images and
+returning (N, K) class probabilities, the metadata that says how to feed it (class names, input shape,
+mean and std), and the MLflow run it came from. `lab predict` and `lab ensemble` read models through here.
+"""
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from lab.analysis import results
+from lab.errors import LabError
+from lab.sweep import ranking, spec
+from lab.sweep import study as studies
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+MODEL_TAG = "lab.model_uri"  # lab.train.exported.URI_TAG: the run's logged model (its tested weights)
+VALID = ("a run id (32 hex digits), a models:/NAME@ALIAS, models:/NAME/VERSION or models:/m-... URI, "
+         "a sweep file (its best trial), or a checkpoint path a run recorded")
+
+
+@dataclass
+class Model:
+    net: torch.nn.Module  # normalised float (N, C, H, W) -> (N, K) probabilities, in eval mode
+    meta: dict  # class_names, input_shape [C, H, W], mean, std, loss, data
+    run_id: str | None
+    source: str  # how it was found, for what is printed
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c) for c in self.meta["class_names"]]
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) -> float as TensorDataModule.prepare_batch makes it (no augmentation)."""
+        mean = torch.tensor(self.meta["mean"], dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.meta["std"], dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        return (x.float().div_(255) - mean) / std
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """uint8 (N, C, H, W) -> (N, K) float probabilities on the CPU, in batches on the model's device."""
+        device = next(self.net.parameters()).device
+        out = [self.net(self.normalise(chunk.to(device))).float().cpu() for chunk in x.split(batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, len(self.class_names))
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def client() -> MlflowClient:
+    # A progress bar per config.yaml read would drown the table the commands print.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = results.mlflow_uri()
+    mlflow.set_tracking_uri(uri)  # mlflow.pytorch.load_model and models:/ URIs read the global one
+    return MlflowClient(uri)
+
+
+def from_uri(uri: str, name: str, run_id: str | None = None) -> Model:
+    """A logged MLflow model (models:/..., runs:/...): loaded onto this machine's device."""
+    import mlflow.pytorch
+
+    try:
+        info = mlflow.models.get_model_info(uri)
+        net = mlflow.pytorch.load_model(uri, map_location=device())
+    # The last three: a pickled model naming a lab class or function this version of lab no longer has.
+    except (MlflowException, OSError, AttributeError, ImportError, pickle.UnpicklingError) as err:
+        raise LabError(f"MODEL {name} cannot be loaded from MLflow ({str(err).splitlines()[0]}): give {VALID}.") from err
+    meta = dict(info.metadata or {})
+    if "class_names" not in meta:
+        raise LabError(f"MODEL {name} is an MLflow model without lab's metadata (class_names, input_shape, mean, "
+                       f"std): it was not logged by lab; give {VALID}.")
+    return Model(net.eval(), meta, run_id or info.run_id, uri)
+
+
+def run_config(mlflow_client: MlflowClient, run_id: str):
+    """The resolved config.yaml a run logged."""
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+    except (MlflowException, OSError) as err:
+        raise LabError(f"run {run_id} has no config.yaml artifact to rebuild its model from ({err}).") from err
+    return OmegaConf.create(text)
+
+
+def checkpointed(mlflow_client: MlflowClient, run_id: str, name: str):
+    """(Classifier with the run's tested weights, its set-up datamodule): built from the run's config.yaml (which
+    reads the data: class names, shape and normalisation come from it) and its checkpoint."""
+    from lab.train import job  # Lightning's imports (~7 s) only when something is built
+
+    checkpoint = mlflow_client.get_run(run_id).data.tags.get("checkpoint")
+    if not checkpoint or not Path(checkpoint).is_file():
+        where = f"its checkpoint {checkpoint} is not on this machine" if checkpoint else "it recorded no checkpoint"
+        raise LabError(f"MODEL {name}: run {run_id} has no logged model and {where}; train it again "
+                       f"(its tag lab.command says how), or give {VALID}.")
+    datamodule, module = job.build(run_config(mlflow_client, run_id))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    return module, datamodule
+
+
+def rebuilt(mlflow_client: MlflowClient, run_id: str, name: str) -> Model:
+    """A run without a logged model (a sweep that logs only its best trial's), from its config and checkpoint."""
+    from lab.train import exported
+
+    module, datamodule = checkpointed(mlflow_client, run_id, name)
+    net = exported.Predictor(module.net, module.loss).to(device()).eval()
+    return Model(net, exported.metadata(datamodule, module.loss), run_id, f"{name} (rebuilt from its checkpoint)")
+
+
+def from_run(mlflow_client: MlflowClient, run_id: str, name: str) -> Model:
+    try:
+        run = mlflow_client.get_run(run_id)
+    except MlflowException as err:
+        raise LabError(f"MODEL {name}: there is no run {run_id} in {results.mlflow_uri()}; give {VALID}.") from err
+    uri = run.data.tags.get(MODEL_TAG)
+    if uri:
+        return from_uri(uri, name, run_id)
+    return rebuilt(mlflow_client, run_id, name)
+
+
+def sweep_best_run(sweep_file: str, storage: str | None, out: str | None, study: str | None) -> str:
+    """The run holding the model of the trial `lab best` exports by default (ranking.best)."""
+    try:
+        sweep = spec.load(sweep_file, check=False)
+        if study:
+            sweep.spec.study = study
+        _, storage = studies.locate(sweep, storage, out)
+        best = ranking.best(studies.load(sweep, storage, command="lab sweep"))
+    except LabError as err:
+        # `lab predict` names the sweep's folder --sweep-out: its --out is the CSV file.
+        text = str(err).replace("--storage/--out/--study", "--storage/--sweep-out/--study")
+        raise LabError(f"MODEL {sweep_file} is read as a sweep file: {text}") from err
+    if best is None:
+        raise LabError(f"MODEL {sweep_file}: study {sweep.spec.study!r} has no completed (feasible) trial yet.")
+    run_id = ranking.model_run_id(best)
+    if not run_id:
+        raise LabError(f"MODEL {sweep_file}: trial {best.number} of study {sweep.spec.study!r} has no MLflow run.")
+    return run_id
+
+
+def checkpoint_run(mlflow_client: MlflowClient, path: Path, name: str) -> str:
+    """The run whose tag `checkpoint` is this file (runs record the absolute path of their best epoch)."""
+    resolved = str(path.resolve())
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
+    quoted = resolved.replace("'", "\\'")
+    runs = mlflow_client.search_runs(experiments, f"tags.checkpoint = '{quoted}'", max_results=1) if experiments else []
+    if not runs:
+        raise LabError(f"MODEL {name}: no run in {results.mlflow_uri()} recorded the checkpoint {resolved}, so its "
+                       f"classes and normalisation are unknown; give {VALID}.")
+    return runs[0].info.run_id
+
+
+def load(name: str, storage: str | None = None, out: str | None = None, study: str | None = None) -> Model:
+    """MODEL as the user typed it -> Model. storage, out, study: where a sweep file's study is (as `lab best`
+    takes them)."""
+    mlflow_client = client()
+    if name.startswith(("models:/", "runs:/")):
+        return from_uri(name, name)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        return from_run(mlflow_client, sweep_best_run(name, storage, out, study), name)
+    if path.is_file():
+        return from_run(mlflow_client, checkpoint_run(mlflow_client, path, name), name)
+    if RUN_ID.fullmatch(name):
+        return from_run(mlflow_client, name, name)
+    if path.is_dir():
+        raise LabError(f"MODEL {name} is a folder: give {VALID}.")
+    try:  # a shipped sweep by name (`quickstart`)
+        spec.find(path)
+    except LabError:
+        raise LabError(f"MODEL {name} is not valid: it is not an existing file; give {VALID}.") from None
+    return from_run(mlflow_client, sweep_best_run(name, storage, out, study), name)
