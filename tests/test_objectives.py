@@ -70,6 +70,18 @@ def test_objective_lists_are_checked(tmp_path):
         load(tmp_path, one + "sampler: {name: cmaes}\nconstraints: {model/params: {max: 10}}\n")
 
 
+def test_a_timed_cost_without_measuring_is_refused_before_any_trial(tmp_path):
+    """measure.enabled=false in the base config: no trial would log model/latency_ms, so no trial could be scored."""
+    path = tmp_path / "s.yaml"
+    path.write_text("study: mo\nexperiment: digits_mlp\noverrides: [measure.enabled=false]\n" + TWO
+                    + "constraints: {model/latency_ms: {max: 5}}\n")
+    with pytest.raises(LabError, match="model/latency_ms is an objective or constraint, but the base config sets "
+                                       "measure.enabled=false"):
+        spec.load(path)
+    path.write_text("study: mo\nexperiment: digits_mlp\noverrides: [measure.enabled=false]\n" + TWO)
+    spec.load(path)  # model/params is counted whether or not anything is timed
+
+
 def test_score_sets_constraints_and_returns_every_objective(tmp_path):
     sweep = load(tmp_path, TWO + "constraints: {model/params: {max: 1000}, val/acc: {min: 0.5}}\n")
     study = optuna.create_study(directions=["maximize", "minimize"])

@@ -39,9 +39,10 @@ def test_seeded_trials_average_their_seed_runs_and_wilcoxon_stops_a_worse_one(la
     assert good.params == {"model.optimizer.lr": 0.01} and worse.params == {"model.optimizer.lr": 0.0}
 
     trial_runs = {r.info.run_name: r for r in children(client, study.user_attrs["mlflow_parent_run_id"])}
-    assert set(trial_runs) == {"trial-0", "trial-1"}  # the sweep's children are trials; seeds nest below them
+    # The sweep's children are trials, seeds nest below them; the stopped one says so in its name.
+    assert set(trial_runs) == {"trial-0", "trial-1 (stopped after 2 seeds)"}
     for trial, n_seeds in ((good, 3), (worse, 2)):
-        run = trial_runs[f"trial-{trial.number}"]
+        run = next(r for name, r in trial_runs.items() if name.startswith(f"trial-{trial.number}"))
         assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
         seed_runs = {r.data.tags["seed"]: r for r in children(client, run.info.run_id)}
         assert sorted(seed_runs) == [str(s) for s in range(n_seeds)]
@@ -60,6 +61,11 @@ def test_seeded_trials_average_their_seed_runs_and_wilcoxon_stops_a_worse_one(la
         assert best_seed.data.metrics["val/acc"] == max(logged)
         # log_models: best: no trial logged a model (`lab best` logs the winner's).
         assert all(r.data.params["mlflow.log_model"] == "False" for r in seed_runs.values())
+    # ...but the sweep logged the winner's as it ended: the best seed run of the best trial, and no other.
+    with_model = {r.info.run_id for t in (good, worse) for r in children(client, t.user_attrs["mlflow_run_id"])
+                  if "lab.model_uri" in r.data.tags}
+    assert with_model == {good.user_attrs["model_run_id"]}, done.stdout
+    assert f"logged the best trial's model (trial {good.number})" in done.stdout
     assert min(good.user_attrs["seed_values"]) > max(worse.user_attrs["seed_values"])
     assert worse.user_attrs["lab.seeds_pruned"] == 2 and "lab.seeds_pruned" not in good.user_attrs
     assert "stopped after fewer seeds 1" in done.stdout
@@ -68,6 +74,11 @@ def test_seeded_trials_average_their_seed_runs_and_wilcoxon_stops_a_worse_one(la
     assert best.returncode == 0, best.stdout + best.stderr
     mean, sd = statistics.fmean(good.user_attrs["seed_values"]), statistics.stdev(good.user_attrs["seed_values"])
     assert f"val/acc = {mean:.6g} +- {sd:.2g} over 3 seeds" in best.stdout
+    report = lab("report", path)
+    assert report.returncode == 0, report.stdout + report.stderr
+    page = (tmp / "runs" / "seeded" / "report.html").read_text()
+    trial_run = client.get_run(good.user_attrs["mlflow_run_id"])
+    assert f"<tr><td>test/acc (mean over 3 seeds)</td><td>{trial_run.data.metrics['test/acc']:.6g}</td></tr>" in page
 
 
 def test_aggregate_lcb_is_the_cautious_side_of_the_mean():

@@ -95,8 +95,8 @@ def command(args) -> None:
     if not trials:
         raise LabError(f"study {sweep.spec.study!r} has no completed trial to confirm"
                        + (" that meets its constraints." if study.get_trials(states=(TrialState.COMPLETE,)) else "."))
-    # A seeded study trained seeds 0..K-1 (offsets of cfg.seed) inside each trial: confirm on the next ones.
-    first = sweep.spec.seeds if sweep.spec.seeds > 1 else 0
+    # Fresh seeds: each trial trained seeds cfg.seed .. cfg.seed+K-1 (K = the file's seeds, 1 by default).
+    first = int(config.load(sweep.base_overrides).seed) + sweep.spec.seeds
     seeds = range(first, first + args.seeds)
     print(f"confirming the best {len(trials)} trial(s) of {sweep.spec.study!r} with seeds {first}..{seeds[-1]}: "
           f"{len(trials) * args.seeds} runs under parent run {parent}")
@@ -129,4 +129,4 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("confirm", help="rerun the best trials with several seeds: mean +- std")
     results.add_study_arguments(parser)
     parser.add_argument("--top", type=positive, default=3, help="how many of the best completed trials")
-    parser.add_argument("--seeds", type=positive, default=3, help="seeds 0..S-1 per trial (at least 2 for a std)")
+    parser.add_argument("--seeds", type=positive, default=3, help="S fresh seeds per trial, after the ones the sweep trained (at least 2 for a std)")

@@ -124,6 +124,7 @@ def parse_trials(text: str) -> list[int]:
 def chosen_trials(study, top: int, trials: str | None) -> list:
     ranked = ranking.ranked(study)
     if trials is None:
+        ranked = [t for t in ranked if ranking.feasible(t)]  # a trial breaking a constraint is no candidate
         if top < 1:
             raise LabError(f"--top={top} is not valid: give how many of the best trials to average, 1 or more.")
         if not ranked:
@@ -160,7 +161,8 @@ def command(args) -> None:
     for i, m in enumerate(members, 1):
         alone, _ = report(m.probs, m.labels, m.class_names)
         print(f"{i:>6} {m.trial:>5} {alone['test/acc']:>9.4f} {alone['test/f1_macro']:>13.4f}  {m.run_id}")
-    best = members[0]
+    rank = {t.number: i for i, t in enumerate(ranking.ranked(study))}
+    best = min(members, key=lambda m: rank[m.trial])  # the sweep's best among them, whatever order --trials gave
     alone, _ = report(best.probs, best.labels, best.class_names)
     gain = scalars["test/acc"] - alone["test/acc"]
     print(f"ensemble of {len(members)} ({len(best.labels)} test images, scored in {scored:.1f} s): test/acc {scalars['test/acc']:.4f}, "

@@ -14,7 +14,6 @@ import mlflow
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
 
 from lab.analysis import results
 from lab.errors import LabError
@@ -83,27 +82,20 @@ def from_uri(uri: str, name: str, run_id: str | None = None) -> Model:
 
 def run_config(mlflow_client: MlflowClient, run_id: str):
     """The resolved config.yaml a run logged."""
-    try:
-        text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
-    except (MlflowException, OSError) as err:
-        raise LabError(f"run {run_id} has no config.yaml artifact to rebuild its model from ({err}).") from err
-    return OmegaConf.create(text)
+    from lab.train import exported
+
+    return exported.run_config(run_id, results.mlflow_uri())
 
 
 def checkpointed(mlflow_client: MlflowClient, run_id: str, name: str):
-    """(Classifier with the run's tested weights, its set-up datamodule): built from the run's config.yaml (which
-    reads the data: class names, shape and normalisation come from it) and its checkpoint."""
-    from lab.train import job  # Lightning's imports (~7 s) only when something is built
+    """(Classifier with the run's tested weights, its set-up datamodule), from its config.yaml and checkpoint."""
+    from lab.train import exported  # Lightning's imports (~7 s) only when something is built
 
-    checkpoint = mlflow_client.get_run(run_id).data.tags.get("checkpoint")
-    if not checkpoint or not Path(checkpoint).is_file():
-        where = f"its checkpoint {checkpoint} is not on this machine" if checkpoint else "it recorded no checkpoint"
-        raise LabError(f"MODEL {name}: run {run_id} has no logged model and {where}; train it again "
-                       f"(its tag lab.command says how), or give {VALID}.")
-    datamodule, module = job.build(run_config(mlflow_client, run_id))
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    module.load_state_dict(state["state_dict"])
-    return module, datamodule
+    try:
+        return exported.rebuild(mlflow_client, run_id, results.mlflow_uri())
+    except LabError as err:
+        raise LabError(f"MODEL {name}: {err}; train it again (its tag lab.command says how), or give "
+                       f"{VALID}.") from err
 
 
 def rebuilt(mlflow_client: MlflowClient, run_id: str, name: str) -> Model:

@@ -52,8 +52,13 @@ def top_k(probs: torch.Tensor, class_names: list[str], k: int) -> list[list[tupl
 
 def write_csv(path: Path, files: list[Path], tops: list[list[tuple[str, float]]], k: int) -> None:
     """file, predicted, probability, then top1, p1 ... topK, pK."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "w", newline="")  # noqa: SIM115 - closed by the with below
+    except (IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError) as err:
+        raise LabError(f"--out {path} cannot be written ({err.strerror}): give a CSV file path in a folder you "
+                       "can write to.") from err
+    with f:
         writer = csv.writer(f)
         writer.writerow(["file", "predicted", "probability", *[c for i in range(1, k + 1) for c in (f"top{i}", f"p{i}")]])
         for file, top in zip(files, tops):
@@ -76,6 +81,8 @@ def command(args) -> None:
     files = image_files(args.images)
     if not files:
         raise LabError(f"no image files in {' '.join(args.images)} (extensions {', '.join(IMG_EXTENSIONS)}).")
+    if args.out and Path(args.out).is_dir():  # before minutes of loading and predicting
+        raise LabError(f"--out {args.out} is a folder: give the CSV file to write, e.g. {Path(args.out) / 'predictions.csv'}.")
     model = models.load(args.model, args.storage, args.sweep_out, args.study)
     started = time.perf_counter()
     x, files, bad = read(files, model.meta["input_shape"])

@@ -1,7 +1,7 @@
 """The sweep's winner in MLflow's model registry: `lab best` registers it under the study's name, alias champion.
 
 A registered model is what other code loads by name (models:/<study>@champion) without knowing run ids; the
-alias moves to whichever trial `lab best` last exported, and one run is registered as one version however
+alias moves to whichever winner `lab best` last found, and one run is registered as one version however
 often `lab best` runs.
 """
 import optuna
@@ -9,7 +9,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from lab.analysis import models, results
-from lab.errors import LabError
 from lab.sweep import ranking
 
 ALIAS = "champion"
@@ -36,7 +35,7 @@ def version_of(client: MlflowClient, name: str, run_id: str, uri: str, trial: in
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description=f"The best trial of the lab sweep study {name!r}; "
-                                                         f"alias {ALIAS} names the one `lab best` exported last.")
+                                                         f"alias {ALIAS} names the winner `lab best` found last.")
     # models:/m-<id>, a logged model (MLflow 3): the version links to it, and shows in the UI's Models column.
     model_id = uri.removeprefix("models:/") if uri.startswith("models:/m-") else None
     version = client.create_model_version(name, uri, run_id=run_id, model_id=model_id, tags={"trial": str(trial)})
@@ -55,7 +54,7 @@ def register(study_name: str, trial: optuna.trial.FrozenTrial) -> str | None:
         uri = logged_model_uri(client, run_id)
         version = version_of(client, study_name, run_id, uri, trial.number)
         client.set_registered_model_alias(study_name, ALIAS, version)
-    except (MlflowException, LabError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - after the export: a model not registered is said, not fatal
         print(f"warning: the model of trial {trial.number} (run {run_id}) was not registered in the model registry "
               f"of {results.mlflow_uri()}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
         return None

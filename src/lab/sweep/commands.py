@@ -188,6 +188,8 @@ def finish(sweep, study, parent: str, uri: str, interrupted, streak, deadline) -
     client = MlflowClient(uri)
     records.end_orphaned_runs(client, parent, study)
     skipped = records.log_summary(client, parent, study)
+    if not interrupted:
+        records.log_best_model(client, uri, sweep, study)
     used = studies.used_budget(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     why = None if interrupted or streak else stop_rules.reason(sweep.spec.stop, sweep.spec.metric, study)

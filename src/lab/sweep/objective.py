@@ -142,6 +142,8 @@ def run_seeded(sweep: Sweep, trial: optuna.Trial, parent_run_id: str | None, cfg
                 trial.set_user_attr(seeds.PRUNED, i + 1)
                 client.set_tag(run_id, "lab.seeds_pruned", f"after {i + 1} of {k} seeds: clearly worse than the best "
                                "trial (Wilcoxon signed-rank test)")
+                # Visible in MLflow's runs table, as a pruned trial's "(pruned)" is.
+                client.update_run(run_id, name=f"trial-{trial.number} (stopped after {i + 1} seeds)")
                 break
         value = seeds.aggregate(values, sweep.spec.aggregate, maximize)
         best_seed = (max if maximize else min)(range(len(values)), key=lambda j: values[j])

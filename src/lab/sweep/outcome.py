@@ -43,6 +43,7 @@ def close_if_done(sweep: spec.Sweep, study: optuna.Study, uri: str, storage: str
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         records.end_orphaned_runs(client, parent, study)
         records.log_summary(client, parent, study)
+        records.log_best_model(client, uri, sweep, study)
         client.set_terminated(parent, "FINISHED" if complete else "FAILED")
     return parent
 

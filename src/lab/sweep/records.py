@@ -187,3 +187,24 @@ def log_summary(client: MlflowClient, run_id: str, study: optuna.Study) -> list[
         client.log_figure(run_id, fig, f"plots/{name}.png")
     update_best(client, run_id, study)
     return skipped
+
+
+def log_best_model(client: MlflowClient, uri: str, sweep: Sweep, study: optuna.Study) -> None:
+    """log_models: best: no trial logged its model, so the winner's is logged from its checkpoint as the sweep
+    ends (`lab best` would too). A failure is said, not raised: the sweep's results stand without it."""
+    best = ranking.best(study) if sweep.spec.log_models == "best" else None
+    run_id = ranking.model_run_id(best) if best is not None else None
+    if not run_id:
+        return
+    from lab.train import exported  # Lightning's imports, only for this
+
+    if exported.URI_TAG in client.get_run(run_id).data.tags:
+        return
+    try:
+        module, datamodule = exported.rebuild(client, run_id, uri)
+        exported.log(run_id, module, datamodule, uri)
+    except Exception as err:  # noqa: BLE001 - a model that cannot be logged must not fail a finished sweep
+        print(f"warning: the best trial's model (trial {best.number}, run {run_id}) was not logged: "
+              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
+        return
+    print(f"logged the best trial's model (trial {best.number}) on its run {run_id}")

@@ -415,7 +415,12 @@ def check_paths(sweep: Sweep) -> None:
             raise LabError(f"{sweep.path}: {what}: {err}") from err
         return cfg
 
-    compose(sweep.base_overrides, f"the base config ({' '.join(sweep.base_overrides) or 'no overrides'})")
+    base = compose(sweep.base_overrides, f"the base config ({' '.join(sweep.base_overrides) or 'no overrides'})")
+    # model/params is counted on every run; the other costs are measured only with measure.enabled.
+    timed = sorted(({o.metric for o in objectives(sweep.spec)} | set(sweep.spec.constraints)) & set(MODEL_METRICS[1:]))
+    if timed and not OmegaConf.select(base, "measure.enabled", default=True):
+        raise LabError(f"{sweep.path}: {', '.join(timed)} is an objective or constraint, but the base config sets "
+                       "measure.enabled=false, so no trial would measure it: remove that override or the objective.")
     for name, dist in sweep.space.items():
         categorical = isinstance(dist, optuna.distributions.CategoricalDistribution)
         probes = list(dist.choices) if categorical else [dist.low, dist.high]

@@ -263,13 +263,15 @@ def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, r
         if UID_ATTR not in stored:
             study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
     else:
-        for key, value in identity(sweep).items():
-            study.set_user_attr(key, value)
-        study.set_user_attr(BASE_ATTR, sweep.base_overrides)
-        study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
-        warm.enqueue(study, warm_trials)  # the first trials, before the file's own enqueue list
+        # The first trials first, the identity last: a launch cut off in between is still a new study to the next
+        # one, which enqueues again (skip_if_exists: nothing twice) instead of resuming without them.
+        warm.enqueue(study, warm_trials)  # before the file's own enqueue list
         for values in sweep.spec.enqueue:
             study.enqueue_trial(values, skip_if_exists=True)
+        study.set_user_attr(BASE_ATTR, sweep.base_overrides)
+        study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
+        for key, value in sorted(identity(sweep).items(), key=lambda kv: kv[0] == "lab.metric"):
+            study.set_user_attr(key, value)  # lab.metric last: its presence is what marks the study as created
     return study
 
 

@@ -11,11 +11,13 @@ import importlib.metadata
 import logging
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
+from lab.errors import LabError
 from lab.train.module import Classifier, probabilities
 
 # MLflow warns on every pickled model; lab pickles on purpose (see above) and its users cannot act on it.
@@ -139,3 +141,33 @@ def info(model_uri: str, uri: str):
 
     with _tracking(uri):
         return mlflow.models.get_model_info(model_uri)
+
+
+def rebuild(client: MlflowClient, run_id: str, uri: str):
+    """(Classifier with the run's tested weights, its set-up datamodule), for a run that logged no model (a sweep
+    with log_models: best): its config.yaml built again, which reads the data (class names, shape and
+    normalisation come from it), and its checkpoint tag loaded. LabError when either is missing."""
+    from lab.train import job  # job logs models through this module: imported when used
+
+    checkpoint = client.get_run(run_id).data.tags.get("checkpoint")
+    if not checkpoint or not Path(checkpoint).is_file():
+        where = f"its checkpoint {checkpoint} is not on this machine" if checkpoint else "it recorded no checkpoint"
+        raise LabError(f"run {run_id} has no logged model and {where}")
+    datamodule, module = job.build(run_config(run_id, uri))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    return module, datamodule
+
+
+def run_config(run_id: str, uri: str):
+    """The resolved config.yaml a run logged (what rebuilds it)."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+    from omegaconf import OmegaConf
+
+    try:
+        with _tracking(uri):
+            text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+    except (MlflowException, OSError) as err:
+        raise LabError(f"run {run_id} has no config.yaml artifact to rebuild its model from ({err})") from err
+    return OmegaConf.create(text)
