@@ -59,7 +59,7 @@ def test_readme_sweep_line_validates(argv, lab, sweeps_dir):
     assert "prepared study" in done.stdout
 
 
-def test_readme_after_a_sweep_lines_run(lab, sweeps_dir):
+def test_readme_after_a_sweep_lines_run(lab, sweeps_dir, workdir):
     """The quickstart chain as the README tells it: sweep, best, replay, confirm, report (shortened by
     --n-trials and max_epochs on the sweep only; what follows adopts them from the study)."""
     done = lab("sweep", "sweeps/quickstart.yaml", "--workers", "2", "--no-live", "--n-trials", "3",
@@ -73,3 +73,34 @@ def test_readme_after_a_sweep_lines_run(lab, sweeps_dir):
             argv = [a if a != "3" else "2" for a in argv]  # --top 2 --seeds 2: the same code, a quarter of the time
         done = lab(*argv, timeout=900)
         assert done.returncode == 0, (argv, done.stdout + done.stderr)
+    predict_lines(lab, *workdir)
+
+
+def predict_lines(lab, tmp: Path, env: dict):
+    """The README's `lab predict` lines, after the chain above registered quickstart@champion: its example files
+    made here (photos/ and cat.jpg), its example run id and checkpoint replaced by the champion's own."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run_id = client.get_model_version_by_alias("quickstart", "champion").run_id
+    rng = np.random.default_rng(0)
+    lines = [c for c in COMMANDS if c[0] == "predict"]
+    assert len(lines) == 4
+    for argv in lines:
+        for name in (a for a in argv[2:] if not a.startswith("-") and a != "predictions.csv"):
+            if name.endswith("/"):
+                (tmp / name).mkdir(exist_ok=True)
+                for i in range(3):
+                    Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp / name / f"{i}.png")
+            else:
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp / name)
+        model = argv[1]
+        if re.fullmatch(r"[0-9a-f]{32}", model):
+            model = run_id
+        elif model.endswith(".ckpt"):
+            model = client.get_run(run_id).data.tags["checkpoint"]
+        done = lab("predict", model, *argv[2:], timeout=600)
+        assert done.returncode == 0, (argv, done.stdout + done.stderr)
+        assert "photos/0.png" in done.stdout, done.stdout
