@@ -15,6 +15,8 @@ FORBIDDEN = {
     "train": ("lab.sweep", "lab.analysis", "lab.cli", "lab.server"),
     "sweep": ("lab.analysis", "lab.cli", "lab.server"),
     "analysis": ("lab.cli", "lab.sweep.commands", "lab.server"),
+    # The options of every command: read before anything heavy loads (test_cli checks no torch, no MLflow).
+    "arguments.py": ("lab.train", "lab.sweep", "lab.analysis", "lab.cli", "lab.server"),
     "config.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
     "errors.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
     "uris.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),

@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 from lab.errors import LabError
 from lab.sweep import ranking, scores, spec
 from lab.sweep import study as studies
+from lab.sweep.objectives import objectives
 
 TWO = """
 objectives: [{metric: val/acc, direction: maximize}, {metric: model/params, direction: minimize}]
@@ -29,7 +30,7 @@ def load(tmp_path, body: str, study: str = "mo") -> spec.Sweep:
 
 def test_objectives_replace_metric_and_direction(tmp_path):
     sweep = load(tmp_path, TWO + "constraints: {model/params: {max: 1.0e6}, model/latency_ms: {min: 0, max: 5}}\n")
-    assert [(o.metric, o.direction) for o in spec.objectives(sweep.spec)] == [
+    assert [(o.metric, o.direction) for o in objectives(sweep.spec)] == [
         ("val/acc", "maximize"), ("model/params", "minimize")]
     assert (sweep.spec.metric, sweep.spec.direction) == ("val/acc", "maximize")  # single-objective code reads these
     assert sweep.spec.constraints["model/latency_ms"].max == 5
@@ -39,7 +40,7 @@ def test_objectives_replace_metric_and_direction(tmp_path):
     # a file with no objectives is one objective: its metric
     one = load(tmp_path, "metric: val/loss\ndirection: minimize\nparams: {model.optimizer.lr: {type: float, low: 0.001, "
                          "high: 0.1}}\n")
-    assert [(o.metric, o.direction) for o in spec.objectives(one.spec)] == [("val/loss", "minimize")]
+    assert [(o.metric, o.direction) for o in objectives(one.spec)] == [("val/loss", "minimize")]
 
 
 @pytest.mark.parametrize("extra, named", [

@@ -74,6 +74,13 @@ def test_seeded_trials_average_their_seed_runs_and_wilcoxon_stops_a_worse_one(la
     assert best.returncode == 0, best.stdout + best.stderr
     mean, sd = statistics.fmean(good.user_attrs["seed_values"]), statistics.stdev(good.user_attrs["seed_values"])
     assert f"val/acc = {mean:.6g} +- {sd:.2g} over 3 seeds" in best.stdout
+    # The export and the replay line carry the seed of the run holding the model, so the replay retrains it.
+    model_run = client.get_run(good.user_attrs["model_run_id"])
+    assert f"seed={model_run.data.tags['seed']}" in best.stdout
+    replay = lab("train", "experiment=seeded_best", "mlflow.experiment=replay", "trainer.enable_progress_bar=false")
+    assert replay.returncode == 0, replay.stderr
+    (run,) = client.search_runs([client.get_experiment_by_name("replay").experiment_id])
+    assert run.data.metrics["test/loss"] == model_run.data.metrics["test/loss"]  # exactly: the same model
     report = lab("report", path)
     assert report.returncode == 0, report.stdout + report.stderr
     page = (tmp / "runs" / "seeded" / "report.html").read_text()

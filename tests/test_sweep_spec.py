@@ -146,6 +146,7 @@ def test_auto_packing_rule():
 
 def test_grid_workers_agree_on_what_each_grid_id_is(tmp_path):
     """Two workers with their own samplers on one journal: every combination once, params = grid id's cell."""
+    from lab.sweep import budget
     from lab.sweep import study as studies
     path = write(tmp_path, """
         data.batch_size: {type: categorical, choices: [4, 8]}
@@ -156,9 +157,9 @@ def test_grid_workers_agree_on_what_each_grid_id_is(tmp_path):
     a = studies.create_or_resume(sweep, storage, "cpu0")
     b = studies.create_or_resume(sweep, storage, "cpu1")
     for study in (a, b, a, b):
-        assert not studies.done(sweep, study, study.sampler)
+        assert not budget.done(sweep, study, study.sampler)
         study.ask(sweep.space)
-    assert studies.done(sweep, a, a.sampler) and studies.done(sweep, b, b.sampler)
+    assert budget.done(sweep, a, a.sampler) and budget.done(sweep, b, b.sampler)
     trials = a.get_trials()
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
     for t in trials:
@@ -174,6 +175,7 @@ def test_merged_overrides_keep_the_last_value_and_a_plus_that_added_the_key():
 def test_failures_count_towards_the_budget_only_without_a_failure_limit(tmp_path):
     from optuna.trial import TrialState
 
+    from lab.sweep import budget
     from lab.sweep import study as studies
 
     sweep = spec.load(write(tmp_path, "model.optimizer.lr: {type: float, low: 1.0e-3, high: 1.0e-1}\n"), check=False)
@@ -181,10 +183,10 @@ def test_failures_count_towards_the_budget_only_without_a_failure_limit(tmp_path
     studies.begin_launch(sweep, study)
     for _ in range(4):
         study.tell(study.ask(sweep.space), state=TrialState.FAIL)
-    assert studies.used_budget(study) == 0 and not studies.done(sweep, study)
-    assert len(studies.failure_streak(sweep, study)) == 0  # 4 < max_failures=5
+    assert budget.used_budget(study) == 0 and not budget.done(sweep, study)
+    assert len(budget.failure_streak(sweep, study)) == 0  # 4 < max_failures=5
     sweep.spec.max_failures = 0  # never stop on failures: then they use the budget, or the sweep never ends
-    assert studies.done(sweep, study)
+    assert budget.done(sweep, study)
 
 
 def test_a_worker_joins_only_a_study_that_exists_and_adopts_its_settings(tmp_path):
@@ -203,10 +205,10 @@ def test_a_worker_joins_only_a_study_that_exists_and_adopts_its_settings(tmp_pat
 
 
 def test_the_budget_lock_is_not_optunas_own_lock_file(tmp_path):
-    from lab.sweep import study as studies
+    from lab.sweep import budget
 
     storage = str(tmp_path / "study.journal")
-    with studies.budget_lock(storage, "s"):
+    with budget.budget_lock(storage, "s"):
         assert (tmp_path / "study.journal.budget.lock").exists() and not (tmp_path / "study.journal.lock").exists()
 
 

@@ -271,3 +271,29 @@ def test_bad_checkpoint_interval_is_refused(mlflow_uri, tmp_path, bad):
         job.run(cfg, tmp_path / "out")
     client = MlflowClient(mlflow_uri)
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.slow
+def test_a_store_creation_killed_midway_leaves_no_half_made_database(tmp_path):
+    """SIGKILL while MLflow migrates a fresh SQLite file (seconds): the next command finds no broken mlflow.db
+    (it used to fail on `_alembic_tmp_experiments already exists` for ever after)."""
+    import sys
+    import time
+
+    from lab.train import tracking
+
+    db = tmp_path / "mlflow.db"
+    creating = f".{db.name}.creating-*"
+    proc = subprocess.Popen([sys.executable, "-c", f"from lab.train import tracking; "
+                             f"tracking.experiment_id('sqlite:///{db}', 'first')"])
+    end = time.time() + 120
+    while not list(tmp_path.glob(creating)) and proc.poll() is None and time.time() < end:
+        time.sleep(0.002)
+    assert list(tmp_path.glob(creating)), "the first command never began creating its store"
+    proc.kill()
+    proc.wait()
+    assert not db.exists()
+
+    exp_id = tracking.experiment_id(f"sqlite:///{db}", "first")
+    assert MlflowClient(f"sqlite:///{db}").get_experiment(exp_id).name == "first"
+    assert not list(tmp_path.glob(creating))

@@ -2,9 +2,9 @@
 
 `lab train` is Hydra's own command line (overrides, --cfg job, --help, -m); its config errors are turned
 into one-paragraph `lab: error:` messages and exit status 2 here. The other commands are argparse
-(sweep_parser). usage() is what `lab`, `lab -h` and `lab --help` print.
+(lab/arguments.py). usage() is what `lab`, `lab -h` and `lab --help` print.
 """
-import argparse
+import importlib
 import logging
 import os
 import re
@@ -12,6 +12,7 @@ import signal
 import sys
 import warnings
 
+from lab import arguments
 from lab.errors import (
     DISK_FULL,
     Interrupted,
@@ -59,6 +60,15 @@ COMMANDS = (
     ("data", "fetch NAME", "download a dataset: flowers, cats_dogs, mnist, fashion_mnist"),
     ("server", "", "run an MLflow tracking server to browse the results"),
 )
+
+# command -> (module, function) that runs it, imported after the arguments are read.
+COMMAND_FUNCTIONS = {
+    "sweep": ("lab.sweep.commands", "sweep_command"), "worker": ("lab.sweep.commands", "worker_command"),
+    "best": ("lab.analysis.best", "command"), "confirm": ("lab.analysis.confirm", "command"),
+    "report": ("lab.analysis.report", "command"), "predict": ("lab.analysis.predict", "command"),
+    "ensemble": ("lab.analysis.ensemble", "command"), "data": ("lab.data.fetch", "data_command"),
+    "server": ("lab.server", "command"),
+}
 
 
 def usage() -> str:
@@ -227,83 +237,6 @@ def train_command(argv: list[str]) -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
-def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--study", default=None,
-                        help="study name (default: the file's 'study'); a new name starts a separate study")
-    parser.add_argument("--n-trials", type=int, default=None, help="total trials for the study (overrides the file)")
-    parser.add_argument("--max-failures", type=int, default=None,
-                        help="stop after this many failed trials in a row (file: max_failures, default 5; 0: never)")
-    parser.add_argument("--max-retries", type=int, default=None,
-                        help="runs again of a trial whose worker died (file: max_retries, default 2)")
-
-
-def sweep_parser() -> argparse.ArgumentParser:
-    from lab import server
-    from lab.analysis import (
-        confirm,  # mlflow, sklearn, matplotlib: seconds, not for `lab --help`
-        ensemble,
-        predict,
-        report,
-    )
-    from lab.data import fetch
-
-    parser = argparse.ArgumentParser(prog="lab", description="Hyperparameter sweeps with Optuna, tracked in MLflow.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    sweep = sub.add_parser("sweep", help="create or resume a study and run its trials on a pool of workers")
-    sweep.add_argument("sweep_file")
-    sweep.add_argument("--gpus", default=None, help="comma-separated GPU ids (default: all visible GPUs)")
-    sweep.add_argument("--workers-per-gpu", default="1", help="trials packed on each GPU: an integer or 'auto'")
-    sweep.add_argument("--workers", type=int, default=None, help="worker processes when no GPU is used")
-    add_budget_arguments(sweep)
-    sweep.add_argument("--storage", default=None, help="Optuna storage: journal file path or RDB URL")
-    sweep.add_argument("--out", default=None, help="output folder (default: runs/<study>)")
-    sweep.add_argument("--no-live", action="store_true", help="print one line per change instead of a live view")
-    sweep.add_argument("--prepare", action="store_true",
-                       help="create the study and its MLflow parent run, start no worker (then `lab worker` joins)")
-    sweep.add_argument("overrides", nargs="*", help="Hydra overrides applied to every trial")
-
-    worker = sub.add_parser("worker", help="run trials of an existing study until its budget is spent")
-    worker.add_argument("sweep_file")
-    worker.add_argument("--storage", default=None)
-    worker.add_argument("--out", default=None)
-    add_budget_arguments(worker)
-    worker.add_argument("--worker-id", default=None, help="a name for this worker in logs and trial records")
-    worker.add_argument("--no-check", action="store_true", help=argparse.SUPPRESS)  # the sweep parent checked
-    worker.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # the parent's, epoch s
-    worker.add_argument("overrides", nargs="*",
-                        help="Hydra overrides; none: the ones the study was created with")
-
-    best = sub.add_parser("best", help="print the best trial and export it as an experiment config")
-    best.add_argument("sweep_file")
-    best.add_argument("--storage", default=None)
-    best.add_argument("--out", default=None)
-    best.add_argument("--study", default=None, help="the study's name, when it was started with --study")
-    best.add_argument("--export", default=None, help="write the experiment YAML here (default: conf/experiment/)")
-    best.add_argument("--trial", type=int, default=None,
-                      help="export this trial (a Pareto front member, a runner-up) instead of the best")
-    server.add_parser(sub)
-    fetch.add_parser(sub)
-    confirm.add_parser(sub)
-    report.add_parser(sub)
-    predict.add_parser(sub)
-    ensemble.add_parser(sub)
-    return parser
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Hydra overrides may stand anywhere after the sweep file, options too: `--workers 2 lr=0.1 --no-live`.
-    (argparse alone stops filling a nargs='*' positional at the first option after it.)"""
-    parser = sweep_parser()
-    args, rest = parser.parse_known_args(argv)
-    unknown = [a for a in rest if a.startswith("-") or not hasattr(args, "overrides")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if rest:
-        args.overrides = [*args.overrides, *rest]
-    return args
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     quiet_libraries()
@@ -325,18 +258,13 @@ def main(argv: list[str] | None = None) -> None:
         what = "option" if argv[0].startswith("-") else "command"
         fail(LabError(f"unknown {what} {argv[0]!r}{hint} The commands are {', '.join(names)}; "
                       f"`lab --help` says what each does."))
-    args = parse_args(argv)
+    args = arguments.parse(argv)
     if getattr(args, "overrides", None):
         args.overrides = expand_home(args.overrides)
-    from lab import server
-    from lab.analysis import best, confirm, ensemble, predict, report
-    from lab.data import fetch
-    from lab.sweep import commands as sweep
-    commands = {"sweep": sweep.sweep_command, "worker": sweep.worker_command, "best": best.command,
-                "server": server.command, "data": fetch.data_command, "confirm": confirm.command,
-                "report": report.command, "predict": predict.command, "ensemble": ensemble.command}
+    module, function = COMMAND_FUNCTIONS[args.command]
     try:
-        commands[args.command](args)
+        command = getattr(importlib.import_module(module), function)  # only now: torch, Lightning, MLflow load
+        command(args)
     except (Interrupted, KeyboardInterrupt) as stop:  # outside a sweep's orderly stop: at start, while plotting
         print(f"lab: interrupted by {stop or 'Ctrl-C'}", file=sys.stderr)
         sys.exit(130)

@@ -73,21 +73,13 @@ def running(backend: str, artifacts: Path, host: str = "127.0.0.1", port: int = 
             log.close()
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("server", help="run an MLflow tracking server (127.0.0.1 unless --host)")
-    p.add_argument("--backend-store-uri", default=None, help="sqlite:///PATH or postgresql://... "
-                   "(default: $MLFLOW_TRACKING_URI if it is a database, else sqlite:///mlflow.db)")
-    p.add_argument("--artifacts", default="mlartifacts", help="folder the server stores artifacts in")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--auth", action="store_true", help="MLflow basic auth (required for a non-loopback host)")
-
-
 def command(args) -> None:
     backend = args.backend_store_uri or tracking.tracking_uri()
     if backend.startswith("http"):
         backend = tracking.DEFAULT_URI
     cmd = server_cmd(backend, Path(args.artifacts), args.host, args.port, args.auth)
+    with tracking.creation_lock(backend):  # the schema made here, safe from a Ctrl-C in the server's migration
+        tracking.create_sqlite_store(backend)
     print(f"MLflow server: http://{args.host}:{args.port}  backend {tracking.mask_password(backend)}, "
           f"artifacts {Path(args.artifacts).resolve()}")
     print(f"workers: export MLFLOW_TRACKING_URI=http://{args.host}:{args.port}")

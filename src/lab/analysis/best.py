@@ -12,6 +12,7 @@ from lab.analysis import registry
 from lab.errors import LabError
 from lab.sweep import outcome, ranking, spec
 from lab.sweep import study as studies
+from lab.sweep.objectives import objectives
 from lab.train import tracking
 from lab.uris import absolute_uri
 
@@ -19,7 +20,7 @@ from lab.uris import absolute_uri
 def experiment_yaml(sweep: spec.Sweep, trial: optuna.trial.FrozenTrial) -> str:
     """An experiment config equal to the trial: the base experiment, group choices, then values."""
     experiments, groups, values = [], [], OmegaConf.create({})
-    for override in OverridesParser.create().parse_overrides(sweep.replay_overrides(trial)):
+    for override in OverridesParser.create().parse_overrides(sweep.model_overrides(trial)):
         key = override.key_or_group
         if key == "experiment":
             experiments.append(f"/experiment/{override.value()}")
@@ -27,10 +28,10 @@ def experiment_yaml(sweep: spec.Sweep, trial: optuna.trial.FrozenTrial) -> str:
             groups.append({f"override /{key}": override.value()})
         else:
             OmegaConf.update(values, key, override.value(), force_add=True)
-    names = [o.metric for o in spec.objectives(sweep.spec)]
+    names = [o.metric for o in objectives(sweep.spec)]
     header = (f"# @package _global_\n# Trial {trial.number} of study {sweep.spec.study}: "
               f"{ranking.values_text(names, trial)}\n# params: {json.dumps(trial.params)}\n"
-              f"# trained as: lab train {shlex.join(sweep.replay_overrides(trial))}\n")
+              f"# trained as: lab train {shlex.join(sweep.model_overrides(trial))}\n")
     return header + OmegaConf.to_yaml(OmegaConf.merge({"defaults": [*experiments, *groups, "_self_"]}, values))
 
 
@@ -54,7 +55,7 @@ def command(args) -> None:
     name = f"{sweep.spec.study}_best"
     if args.trial is not None:  # any trial of any study: a Pareto front member, a runner-up
         best, name = chosen_trial(study, args.trial), f"{sweep.spec.study}_trial{args.trial}"
-        names = [o.metric for o in spec.objectives(sweep.spec)]
+        names = [o.metric for o in objectives(sweep.spec)]
         print(f"trial {best.number} ({best.state.name}): {ranking.values_text(names, best)}")
     elif best is None:
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))

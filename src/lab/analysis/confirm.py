@@ -116,17 +116,3 @@ def command(args) -> None:
     if best is not None:
         print(f"confirmed winner: trial {best['trial']} ({sweep.spec.metric} {best['mean']:.6g} +- {best['std']:.4g} "
               f"over {best['seeds']} seeds)")
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("confirm", help="rerun the best trials with several seeds: mean +- std")
-    results.add_study_arguments(parser)
-    parser.add_argument("--top", type=positive, default=3, help="how many of the best completed trials")
-    parser.add_argument("--seeds", type=positive, default=3, help="S fresh seeds per trial, after the ones the sweep trained (at least 2 for a std)")

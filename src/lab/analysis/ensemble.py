@@ -171,10 +171,3 @@ def command(args) -> None:
           f"test/f1_macro {alone['test/f1_macro']:.4f}; the ensemble is {gain:+.4f} "
           f"{'better' if gain > 0 else 'worse' if gain < 0 else 'the same'}")
     print(f"logged: run {run_id} ({name}) under the sweep's run {parent}")
-
-
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("ensemble", help="average the best trials' predictions on the test set")
-    results.add_study_arguments(parser)
-    parser.add_argument("--top", type=int, default=3, help="how many of the best trials to average (default 3)")
-    parser.add_argument("--trials", default=None, help="these trial numbers instead, e.g. 3,7,12")

@@ -111,14 +111,3 @@ def command(args) -> None:
         print(f"{len(bad)} file(s) could not be read as images and were left out:", file=sys.stderr)
         for f in bad:
             print(f"  {f}", file=sys.stderr)
-
-
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("predict", help="classify image files with a trained model")
-    parser.add_argument("model", help=f"the model: {models.VALID}")
-    parser.add_argument("images", nargs="+", help="image files and folders (walked recursively)")
-    parser.add_argument("--out", default=None, help="also write the predictions to this CSV file")
-    parser.add_argument("--top", type=int, default=3, help="how many classes to list per image (default 3)")
-    parser.add_argument("--storage", default=None, help="for a sweep file: its Optuna storage")
-    parser.add_argument("--study", default=None, help="for a sweep file: the study's name, when started with --study")
-    parser.add_argument("--sweep-out", default=None, help="for a sweep file: its output folder (lab sweep's --out)")

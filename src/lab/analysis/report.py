@@ -23,8 +23,9 @@ from optuna.trial import TrialState  # noqa: E402
 
 from lab import figures, uris
 from lab.analysis import results
-from lab.sweep import ranking, records, spec
-from lab.sweep import study as studies
+from lab.sweep import budget, ranking, records
+from lab.sweep.objectives import MODEL_METRICS
+from lab.sweep.objectives import objectives as objectives_of  # summary() has a local named objectives
 
 STUDY_PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "slice")
 CURVES = {"loss": ("train/loss", "val/loss"), "accuracy": ("train/acc", "val/acc")}
@@ -95,13 +96,13 @@ class Runs:
 
 
 def names_of(sweep) -> list[str]:
-    return [o.metric for o in spec.objectives(sweep.spec)]
+    return [o.metric for o in objectives_of(sweep.spec)]
 
 
 def summary(sweep, study: optuna.Study, runs: Runs) -> str:
     trials = study.get_trials(deepcopy=False)
-    counts = {k: v for k, v in studies.counts(trials).items() if v}  # a retried trial counts once, as its retry
-    objectives = ", ".join(f"{o.metric} ({o.direction})" for o in spec.objectives(sweep.spec))
+    counts = {k: v for k, v in budget.counts(trials).items() if v}  # a retried trial counts once, as its retry
+    objectives = ", ".join(f"{o.metric} ({o.direction})" for o in objectives_of(sweep.spec))
     rows = [["study", study.study_name], ["objectives" if len(study.directions) > 1 else "metric", objectives],
             ["direction", ", ".join(d.name.lower() for d in study.directions)]]
     if sweep.spec.constraints:
@@ -256,7 +257,7 @@ def best_section(client: MlflowClient, uri: str, sweep, study: optuna.Study, run
     if model_run != run_id:
         parts.append(f"<p>Model, curves and images from run {runs.link(model_run)} (the trial's best seed).</p>")
     metrics = client.get_run(model_run).data.metrics
-    tested = [[k, metrics[k]] for k in ("test/acc", "test/f1_macro", "test/loss", *spec.MODEL_METRICS) if k in metrics]
+    tested = [[k, metrics[k]] for k in ("test/acc", "test/f1_macro", "test/loss", *MODEL_METRICS) if k in metrics]
     if model_run != run_id:  # the best seed's test results would flatter the trial: its mean over the seeds too
         means = client.get_run(run_id).data.metrics
         tested = [[f"{k} (mean over {best.user_attrs.get('seed_values') and len(best.user_attrs['seed_values'])} seeds)",
@@ -332,8 +333,3 @@ def command(args) -> None:
     if parent:
         client.log_artifact(parent, str(path))
         print(f"logged as report.html on parent run {parent}")
-
-
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("report", help="write the study as one self-contained HTML page")
-    results.add_study_arguments(parser)

@@ -27,10 +27,3 @@ def parent_run_id(study: optuna.Study) -> str:
     if not run_id:
         raise LabError(f"study {study.study_name!r} has no MLflow parent run (it was not started by `lab sweep`).")
     return run_id
-
-
-def add_study_arguments(parser) -> None:
-    parser.add_argument("sweep_file")
-    parser.add_argument("--storage", default=None, help="Optuna storage: journal file path or RDB URL")
-    parser.add_argument("--out", default=None, help="the sweep's output folder (default: runs/<study>)")
-    parser.add_argument("--study", default=None, help="the study's name, when it was started with --study")

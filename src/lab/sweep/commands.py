@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from lab import config
 from lab.errors import DISK_FULL, Interrupted, LabError, raise_interrupted, says_disk_full
-from lab.sweep import live, liveness, outcome, pool, records, spec, worker
+from lab.sweep import budget, live, liveness, outcome, pool, records, spec, worker
 from lab.sweep import stop as stop_rules
 from lab.sweep import study as studies
 from lab.train import tracking
@@ -59,13 +59,13 @@ def choose_slots(args, sweep: spec.Sweep) -> list[pool.Slot]:
 def reap(study: optuna.Study, sweep: spec.Sweep, uri: str, storage: str,
          dead_pid_reason: str | None = None) -> list[optuna.trial.FrozenTrial]:
     abandon = records.abandoner(uri, sweep.spec.max_retries)
-    with studies.budget_lock(storage, sweep.spec.study):
-        return studies.reap(study, storage, lambda trial, why: abandon(study, trial, why), dead_pid_reason)
+    with budget.budget_lock(storage, sweep.spec.study):
+        return budget.reap(study, storage, lambda trial, why: abandon(study, trial, why), dead_pid_reason)
 
 
 def blamed_trial(study: optuna.Study, pid: int) -> optuna.trial.FrozenTrial | None:
     """The trial a dead worker process was running when it died (reaped by now, by us or another worker)."""
-    mine = studies.trials_of_process(study, pid)
+    mine = budget.trials_of_process(study, pid)
     if mine and (mine[-1].state == TrialState.RUNNING or "died" in mine[-1].user_attrs.get("fail_reason", "")):
         return mine[-1]
     return None
@@ -80,12 +80,12 @@ class Failures:
 
     def report(self, study: optuna.Study) -> None:
         trials = study.get_trials(deepcopy=False)
-        again = studies.retried(trials)
+        again = budget.retried(trials)
         for t in trials:
             if t.state != TrialState.FAIL or t.number in self.seen or t.number in again:
                 continue
             self.seen.add(t.number)
-            reason = studies.fail_reason(t)
+            reason = budget.fail_reason(t)
             if reason not in self.reasons:
                 self.reasons.add(reason)
                 print(f"trial {t.number} failed: {reason}", flush=True)
@@ -121,7 +121,7 @@ def sweep_command(args) -> None:
     started = time.time()
     deadline = worker.deadline_from(sweep.spec.timeout, started)
 
-    print(f"study {sweep.spec.study}: {studies.used_budget(study)}/{sweep.spec.n_trials} trials already used"
+    print(f"study {sweep.spec.study}: {budget.used_budget(study)}/{sweep.spec.n_trials} trials already used"
           + (f", {len(reaped)} stale trial(s) re-queued" if reaped else ""))
     print(f"storage: {mask_password(storage)}   (optuna-dashboard {mask_password(storage)})")
     print(f"mlflow:  {mask_password(uri)}  experiment {sweep.mlflow_experiment!r}, parent run {parent}")
@@ -155,12 +155,12 @@ def sweep_command(args) -> None:
                 print(f"worker {name} died ({what})" + (f" running trial {blamed.number}" if blamed else "")
                       + f"; see {out_dir / 'workers' / (name + '.log')}", flush=True)
                 # A death while running a trial is the trial's (its retries are limited by max_retries).
-                if studies.failure_streak(sweep, study):
+                if budget.failure_streak(sweep, study):
                     continue
                 if not workers.restart(name, charged=blamed is None):
                     print(f"worker {name} died {pool.MAX_RESTARTS + 1} times without a trial to blame: not restarted")
             failures.report(study)
-            if studies.failure_streak(sweep, study) or not (running or workers.running):
+            if budget.failure_streak(sweep, study) or not (running or workers.running):
                 break
             view.show(live.lines(sweep, study, workers, started))
             time.sleep(POLL_S)
@@ -174,7 +174,7 @@ def sweep_command(args) -> None:
     except BaseException:
         workers.stop()  # the parent owns its workers to the end: none goes on without it
         raise
-    streak = studies.failure_streak(sweep, study)
+    streak = budget.failure_streak(sweep, study)
     if streak and not interrupted:
         workers.stop()  # the rest of the pool asks for no new trial either; running ones are cut short
     reap(study, sweep, uri, storage)
@@ -190,10 +190,10 @@ def finish(sweep, study, parent: str, uri: str, interrupted, streak, deadline) -
     skipped = records.log_summary(client, parent, study)
     if not interrupted:
         records.log_best_model(client, uri, sweep, study)
-    used = studies.used_budget(study)
+    used = budget.used_budget(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     why = None if interrupted or streak else stop_rules.reason(sweep.spec.stop, sweep.spec.metric, study)
-    ended = studies.done(sweep, study, studies.make_sampler(sweep)) or deadline is not None or why is not None
+    ended = budget.done(sweep, study, studies.make_sampler(sweep)) or deadline is not None or why is not None
     outcome.record_stop(client, parent, study, why)
     if interrupted:
         status = "KILLED"
@@ -209,11 +209,11 @@ def finish(sweep, study, parent: str, uri: str, interrupted, streak, deadline) -
         print(f"interrupted: run the same command again to resume ({used}/{sweep.spec.n_trials} trials used).")
         sys.exit(EXIT_INTERRUPTED)
     launch = study.user_attrs.get(studies.LAUNCH_ATTR, -1)
-    if status == "FAILED" and any(says_disk_full(studies.fail_reason(t)) for t in
+    if status == "FAILED" and any(says_disk_full(budget.fail_reason(t)) for t in
                                   study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number > launch):
         print(f"lab: error: {DISK_FULL.format(where='')}", file=sys.stderr)
     if streak:
-        reasons = sorted({studies.fail_reason(t) for t in streak})
+        reasons = sorted({budget.fail_reason(t) for t in streak})
         print(f"stopped: {len(streak)} trials in a row failed (max_failures={sweep.spec.max_failures}), "
               f"{used}/{sweep.spec.n_trials} trials used. Reason(s):", file=sys.stderr)
         for reason in reasons:
@@ -251,7 +251,7 @@ def worker_command(args) -> None:
         sys.exit(EXIT_INTERRUPTED)
     except worker.FailureLimit as limit:
         print(f"worker stopped: {limit} (max_failures={sweep.spec.max_failures}). Reason(s):", file=sys.stderr)
-        for reason in sorted({studies.fail_reason(t) for t in limit.streak}):
+        for reason in sorted({budget.fail_reason(t) for t in limit.streak}):
             print(f"  - {reason}", file=sys.stderr)
         print(f"Fix the cause, then start a new launch with `lab sweep {args.sweep_file} ...` (or --prepare).",
               file=sys.stderr)

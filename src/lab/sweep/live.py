@@ -7,16 +7,15 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from lab.sweep import ranking, seeds
+from lab.sweep import budget, ranking, seeds
 from lab.sweep import stop as stop_rules
-from lab.sweep import study as studies
 from lab.sweep.pool import Pool
 from lab.sweep.spec import Sweep
 
 
 def lines(sweep: Sweep, study: optuna.Study, pool: Pool, started: float) -> list[str]:
     trials = study.get_trials(deepcopy=False)
-    n = studies.counts(trials)  # a trial cut off and queued again counts once, as its retry
+    n = budget.counts(trials)  # a trial cut off and queued again counts once, as its retry
     elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - started))
     out = [f"{sweep.spec.study}  complete {n['complete']}  running {n['running']}  pruned {n['pruned']}"
            f"  failed {n['failed']}" + (f"  queued again {n['retried']}" if n["retried"] else "")

@@ -10,8 +10,8 @@ import pytorch_lightning as pl
 from lab import config
 from lab.errors import StopRun
 from lab.sweep import liveness, scores, seeds
+from lab.sweep.budget import RESUME_FROM, RETRY_OF
 from lab.sweep.spec import Sweep
-from lab.sweep.study import RESUME_FROM, RETRY_OF
 from lab.train import job, tracking
 from lab.train.module import Diverged
 
@@ -33,7 +33,7 @@ class PruningCallback(pl.Callback):
         if not math.isfinite(value):
             raise Diverged(f"{self.metric} is {value} in epoch {epoch}")
         if len(self.trial.study.directions) > 1:
-            return  # Optuna keeps no intermediate values with several objectives: spec.py refuses pruners there
+            return  # Optuna keeps no intermediate values with several objectives: objectives.py refuses pruners there
         self.trial.report(value, step=epoch)
         if self.trial.should_prune():
             raise Pruned(f"pruned in epoch {epoch} with {self.metric}={value:.6g}")

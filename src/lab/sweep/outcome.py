@@ -8,9 +8,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from lab.sweep import ranking, records, seeds, spec
+from lab.sweep import budget, ranking, records, seeds, spec
 from lab.sweep import stop as stop_rules
 from lab.sweep import study as studies
+from lab.sweep.objectives import objectives
 
 
 def record_stop(client: MlflowClient, parent: str, study: optuna.Study, why: str | None) -> None:
@@ -29,7 +30,7 @@ def close_if_done(sweep: spec.Sweep, study: optuna.Study, uri: str, storage: str
     parent = study.user_attrs.get(records.PARENT_ATTR)
     client = MlflowClient(uri)
     # All under the lock: of two workers finishing together, one closes the run and the other finds it closed.
-    with studies.budget_lock(storage, sweep.spec.study):
+    with budget.budget_lock(storage, sweep.spec.study):
         try:
             if not parent or client.get_run(parent).info.status != "RUNNING":
                 return None
@@ -37,7 +38,7 @@ def close_if_done(sweep: spec.Sweep, study: optuna.Study, uri: str, storage: str
             return None
         why = stop_rules.reason(sweep.spec.stop, sweep.spec.metric, study)
         if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) or not why and (
-                studies.queued_retries(study) or not studies.done(sweep, study, studies.make_sampler(sweep))):
+                budget.queued_retries(study) or not budget.done(sweep, study, studies.make_sampler(sweep))):
             return None
         record_stop(client, parent, study, why)
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -53,7 +54,7 @@ def print_best(sweep: spec.Sweep, study: optuna.Study) -> optuna.trial.FrozenTri
     if not complete:
         print("no completed trial yet")
         return None
-    names = [o.metric for o in spec.objectives(sweep.spec)]
+    names = [o.metric for o in objectives(sweep.spec)]
     if len(names) > 1:
         print_front(sweep, study, names)
     best = ranking.best(study)
@@ -71,7 +72,7 @@ def print_best(sweep: spec.Sweep, study: optuna.Study) -> optuna.trial.FrozenTri
         print(f"  {sweep.spec.metric} = {over_seeds}{lcb}")
     for name, value in best.params.items():
         print(f"  {name} = {value}")
-    print("replay: lab train " + shlex.join(sweep.replay_overrides(best)))
+    print("replay: lab train " + shlex.join(sweep.model_overrides(best)))
     return best
 
 

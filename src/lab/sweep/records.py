@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from lab import figures
-from lab.sweep import ranking
+from lab.sweep import budget, ranking
 from lab.sweep import study as studies
 from lab.sweep.spec import Sweep
 from lab.train import tracking
@@ -85,7 +85,7 @@ def abandoner(uri: str, max_retries: int):
     max_retries, and end its MLflow run FAILED (nobody else will)."""
 
     def abandon(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
-        again = studies.retry(study, trial, reason, max_retries)
+        again = budget.retry(study, trial, reason, max_retries)
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id and MlflowClient(uri).get_run(run_id).info.status == "RUNNING":
             tag_run(uri, trial, "RETRIED" if again else "FAIL", reason)
@@ -140,7 +140,7 @@ def update_best(client: MlflowClient, run_id: str, study: optuna.Study, attempts
 def _write_best(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    counts = studies.counts(trials)  # a trial cut off and queued again counts once, as its retry
+    counts = budget.counts(trials)  # a trial cut off and queued again counts once, as its retry
     for metric, key in (("trials_complete", "complete"), ("trials_pruned", "pruned"), ("trials_fail", "failed"),
                         ("trials_retried", "retried")):
         client.log_metric(run_id, metric, counts[key], step=len(trials))

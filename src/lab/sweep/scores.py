@@ -9,7 +9,8 @@ import math
 import optuna
 
 from lab.errors import LabError
-from lab.sweep.spec import SweepSpec, objectives
+from lab.sweep.objectives import objectives
+from lab.sweep.spec import SweepSpec
 from lab.train.module import Diverged
 
 

@@ -42,6 +42,12 @@ def carried(trial: optuna.Trial, retry_of: int | None) -> tuple[list[float], dic
     return values[:n], dict(list(runs.items())[:n])
 
 
+def model_seed(trial: optuna.trial.FrozenTrial) -> int | None:
+    """The seed of the run that holds a seeded trial's model (its best seed); None for a one-seed trial."""
+    run = trial.user_attrs.get(MODEL_RUN)
+    return next((int(seed) for seed, rid in trial.user_attrs.get(RUNS, {}).items() if rid == run), None)
+
+
 def describe(trial: optuna.trial.FrozenTrial, seeds: int) -> str | None:
     """`0.9312 +- 0.0071 over 5 seeds (0.925, ...)` for a seeded trial; None for one seed."""
     values = trial.user_attrs.get(VALUES)

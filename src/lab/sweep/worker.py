@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from lab.errors import Interrupted
-from lab.sweep import liveness, records
+from lab.sweep import budget, liveness, records
 from lab.sweep import stop as stop_rules
 from lab.sweep import study as studies
 from lab.sweep.pool import PARENT_ENV
@@ -68,7 +68,7 @@ def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str,
         state, reason = TrialState.PRUNED, str(pruned)
     except Interrupted as stop:
         reason = f"interrupted by {describe(stop)}"
-        studies.retry(study, study._storage.get_trial(trial._trial_id), reason)  # noqa: SLF001
+        budget.retry(study, study._storage.get_trial(trial._trial_id), reason)  # noqa: SLF001
         records.tag_run(uri, trial, "INTERRUPTED", reason)
         raise
     except torch.cuda.OutOfMemoryError as err:
@@ -93,8 +93,8 @@ def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str,
         if not frozen.state.is_finished():
             raise
         log.warning("trial %d was ended by another process while this worker ran it (%s); its result is dropped",
-                    trial.number, studies.fail_reason(frozen))
-        records.end_failed(uri, frozen, studies.fail_reason(frozen))
+                    trial.number, budget.fail_reason(frozen))
+        records.end_failed(uri, frozen, budget.fail_reason(frozen))
         return "REAPED"
     records.tag_run(uri, trial, state.name, reason)
     return state.name
@@ -139,12 +139,12 @@ def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: fl
         trial = None
         liveness.training(False)
         try:
-            with signals_held(), studies.budget_lock(storage, sweep.spec.study):
-                studies.reap(study, storage, lambda t, why: abandon(study, t, why))
+            with signals_held(), budget.budget_lock(storage, sweep.spec.study):
+                budget.reap(study, storage, lambda t, why: abandon(study, t, why))
                 if deadline is not None and time.time() >= deadline:
                     log.info("timeout reached: no new trials")
                     break
-                streak = studies.failure_streak(sweep, study)
+                streak = budget.failure_streak(sweep, study)
                 if streak:
                     raise FailureLimit(streak)
                 why = stop_rules.reason(sweep.spec.stop, sweep.spec.metric, study)
@@ -152,7 +152,7 @@ def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: fl
                     stop_rules.record(study, why)
                     log.info("stop rule: %s", why)
                     break
-                if studies.done(sweep, study, study.sampler) and not studies.queued_retries(study):
+                if budget.done(sweep, study, study.sampler) and not budget.queued_retries(study):
                     # Stay while others run: a trial whose worker died is retried once it is found stale.
                     if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                         break
@@ -172,7 +172,7 @@ def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: fl
             if trial is not None:
                 frozen = study._storage.get_trial(trial._trial_id)  # noqa: SLF001
                 if frozen.state == TrialState.RUNNING:
-                    studies.retry(study, frozen, f"interrupted by {describe(stop)}")
+                    budget.retry(study, frozen, f"interrupted by {describe(stop)}")
             raise
         ran += 1
         log.info("trial %d %s", trial.number, state)

@@ -49,9 +49,30 @@ def creation_lock(uri: str):
         yield
 
 
+def create_sqlite_store(uri: str) -> None:
+    """A fresh SQLite store is built under a temporary name, then renamed into place. MLflow's schema migration
+    takes seconds, and a Ctrl-C inside it used to leave a half-made mlflow.db that every later command failed on
+    (`table _alembic_tmp_experiments already exists`). Call under creation_lock."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists() and path.stat().st_size > 0:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob(f".{path.name}.creating-*"):  # left by a creator that was killed
+        old.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    try:
+        MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)  # runs every migration
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def experiment_id(uri: str, name: str) -> str:
     """Create the DB schema and the experiment once, before any worker touches them (SQLite migration race)."""
     with creation_lock(uri):
+        create_sqlite_store(uri)
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(name)
         if exp is None:
