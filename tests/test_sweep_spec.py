@@ -217,3 +217,21 @@ def test_a_categorical_of_many_choices_is_checked_without_composing_each(tmp_pat
     spec.load(write(tmp_path, f"model.net.dropout: {{type: categorical, choices: [{choices}]}}"))  # seconds
     with pytest.raises(LabError, match="'lots' is not valid"):
         spec.load(write(tmp_path, f"model.net.dropout: {{type: categorical, choices: [{choices}, lots]}}"))
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ("[data=image_folder, data.root=/nowhere/flower_photos]", "lab data fetch flowers --root /nowhere"),
+    ("[data=image_folder, data.root=/nowhere/pets]", "data.root=/nowhere/pets does not exist"),
+    ("[data=mnist, data.root=/nowhere, data.download=false]", "were not found in /nowhere"),
+])
+def test_data_that_is_not_there_is_refused_before_any_trial(tmp_path, overrides, named):
+    """Every trial would fail on it: one sentence (and how to fetch a lecture dataset), not max_failures runs."""
+    base = BASE.replace("[data=synthetic, model=mlp]", overrides)
+    with pytest.raises(LabError, match=named):
+        spec.load(write(tmp_path, "model.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-1}", base=base))
+
+
+def test_a_searched_data_root_is_left_to_each_trial(tmp_path):
+    base = BASE.replace("[data=synthetic, model=mlp]", "[data=image_folder, data.root=/nowhere]")
+    sweep = spec.load(write(tmp_path, "data.root: {type: categorical, choices: [/a, /b]}", base=base))
+    assert "data.root" in sweep.space

@@ -26,7 +26,7 @@ def one_class_folder(tmp):
 BAD = {
     "unknown_override": (["foo=1"], "foo"),
     "missing_folder": (["data=image_folder", "data.root=/nonexistent"], "/nonexistent"),
-    "root_not_set": (["data=image_folder"], "data.root"),
+    "root_not_set": (["data=image_folder"], "data.root must be set"),
     "one_class": (["data=image_folder", "data.root={one}", "data.cache_dir=null"], "lonely"),
     "cnn_too_small": (["data=synthetic", "data.size=2", "model=cnn"], "2x2"),
     "batch_too_large": (["data=synthetic", "data.batch_size=100000"], "100000"),

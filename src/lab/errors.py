@@ -1,7 +1,7 @@
 import difflib
 from collections.abc import Iterable
 
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 
 class LabError(Exception):
@@ -34,10 +34,22 @@ def user_error(exc: BaseException) -> BaseException | None:
     """The LabError or config error behind exc (Hydra's instantiate wraps what constructors raise)."""
     seen = exc
     while seen is not None:
-        if isinstance(seen, (LabError, OmegaConfBaseException)):
+        if isinstance(seen, LabError):
             return seen
+        if isinstance(seen, OmegaConfBaseException):
+            return config_sentence(seen)
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def config_sentence(err: OmegaConfBaseException) -> LabError:
+    """OmegaConf's message without its `full_key:` / `object_type=` lines, which mean nothing to a user."""
+    key = getattr(err, "full_key", None)
+    if isinstance(err, MissingMandatoryValue) and key:
+        return LabError(f"{key} must be set (it is ??? in its config): give it on the command line, {key}=VALUE.")
+    lines = [line for line in str(err).splitlines() if line.strip() and not line.startswith((" ", "\t"))]
+    first = lines[0] if lines else type(err).__name__
+    return LabError(first + (f" (at {key})" if key and str(key) not in first else ""))
 
 
 DISK_FULL_WORDS = ("database or disk is full", "No space left on device", "Disk quota exceeded")

@@ -112,6 +112,10 @@ class TensorDataModule(pl.LightningDataModule):
     def load(self) -> Loaded:
         raise NotImplementedError
 
+    def check_source(self) -> None:
+        """Raise a LabError if the data is not where the config says, without loading it: what `lab sweep` asks
+        before its first trial, so that a wrong data.root is one sentence, not max_failures failed trials."""
+
     @property
     def name(self) -> str:
         return type(self).__name__

@@ -42,6 +42,17 @@ def decode(path: str, size: int, channels: int) -> torch.Tensor | None:
     return resize(img, [size, size], antialias=True)
 
 
+def missing_root(folder: Path) -> str:
+    """The sentence for a data.root that is not there; for a lecture dataset's folder name, how to download it."""
+    from lab.data import fetch  # the datasets `lab data fetch` knows, and the folder each lands in
+
+    fetchable = next((name for name, d in fetch.DATASETS.items()
+                      if isinstance(d, fetch.Archive) and d.target == folder.name), None)
+    how = (f" `lab data fetch {fetchable} --root {folder.parent}` downloads it there." if fetchable else "")
+    return (f"data.root={folder} does not exist or is not a folder: it must hold one sub-folder of images per "
+            f"class.{how}")
+
+
 class ImageFolder(TensorDataModule):
     def __init__(self, root: str | None = None, strict: bool = False,
                  cache_dir: str | None = "~/.cache/lab/folders", decode_threads: int | None = None, **kwargs):
@@ -54,10 +65,13 @@ class ImageFolder(TensorDataModule):
         self.decode_threads = decode_threads or min(16, os.cpu_count() or 1)
         self.skipped: list[str] = []  # unreadable files left out, logged to the run
 
+    def check_source(self) -> None:
+        if not self.root.is_dir():
+            raise LabError(missing_root(self.root))
+
     def _scan(self, folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
         if not folder.is_dir():
-            raise LabError(f"data.root={folder} does not exist or is not a folder: it must hold one "
-                           "sub-folder of images per class.")
+            raise LabError(missing_root(folder))
         try:
             classes, class_to_idx = find_classes(str(folder))
         except FileNotFoundError as err:

@@ -65,6 +65,11 @@ class IdxDataModule(TensorDataModule):
 
         fetch.fetch_idx(fetch.DATASETS[self.DATASET], self.root, self.url, force=False, system_dirs=False)
 
+    def check_source(self) -> None:
+        missing = [stem for stem in FILES.values() if self._find(stem) is None]
+        if missing and not self.download:
+            raise LabError(self._where_message(missing))
+
     def _where_message(self, missing: list[str]) -> str:
         places = ", ".join(str(p) for p in (self.root, *self.SYSTEM_DIRS))
         return f"{self.name} files {missing} were not found in {places}: copy them (gzipped or not) into {self.root}."

@@ -339,6 +339,8 @@ def check_paths(sweep: Sweep) -> None:
     """What would otherwise fail every trial, found before one starts: each parameter's override path exists
     (Hydra rejects unknown ones) and its values pass the checks `lab train` makes (types, RULES), at the bounds
     of a range and for every choice of a categorical (checked as values, not by composing one config each)."""
+    from hydra.utils import instantiate
+
     from lab.train import job  # the checks lab train makes; Lightning's imports, paid once per launch
 
     def compose(overrides: list[str], what: str):
@@ -355,6 +357,11 @@ def check_paths(sweep: Sweep) -> None:
         return cfg
 
     base = compose(sweep.base_overrides, f"the base config ({' '.join(sweep.base_overrides) or 'no overrides'})")
+    if not any(override_key(name) == "data" or override_key(name).startswith("data.root") for name in sweep.space):
+        try:  # the data is where every trial will look for it (constructed only: nothing is read or downloaded)
+            instantiate(base.data).check_source()
+        except LabError as err:
+            raise LabError(f"{sweep.path}: {err}") from err
     # model/params is counted on every run; the other costs are measured only with measure.enabled.
     timed = sorted(({o.metric for o in objectives(sweep.spec)} | set(sweep.spec.constraints)) & set(MODEL_METRICS[1:]))
     if timed and not OmegaConf.select(base, "measure.enabled", default=True):
