@@ -64,6 +64,12 @@ params:
     (run,) = client.search_runs([exp.experiment_id])
     assert run.data.metrics["val/acc"] == pytest.approx(study.best_value, abs=1e-6)
 
+    # Relaunched with a budget below what is used: one sentence says so, nothing runs.
+    again = lab("sweep", path, "--workers", "2", "--no-live", "--n-trials", "4")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "nothing to run: the budget of 4 trials is spent (6 used); --n-trials N with N > 6" in again.stdout
+    assert len(journal(tmp, "two_by_six").get_trials()) == 6
+
 
 def test_median_pruner_prunes_a_hopeless_trial(workdir, lab, sweep_file, journal):
     tmp, env = workdir

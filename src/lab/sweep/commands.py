@@ -121,8 +121,12 @@ def sweep_command(args) -> None:
     started = time.time()
     deadline = worker.deadline_from(sweep.spec.timeout, started)
 
-    print(f"study {sweep.spec.study}: {budget.used_budget(study)}/{sweep.spec.n_trials} trials already used"
+    used = budget.used_budget(study)
+    print(f"study {sweep.spec.study}: {used}/{sweep.spec.n_trials} trials already used"
           + (f", {len(reaped)} stale trial(s) re-queued" if reaped else ""))
+    if used >= sweep.spec.n_trials and not budget.queued_retries(study):
+        print(f"nothing to run: the budget of {sweep.spec.n_trials} trials is spent ({used} used); "
+              f"--n-trials N with N > {used} runs N - {used} more.")
     print(f"storage: {mask_password(storage)}   (optuna-dashboard {mask_password(storage)})")
     print(f"mlflow:  {mask_password(uri)}  experiment {sweep.mlflow_experiment!r}, parent run {parent}")
     print(f"workers: {len(slots)} ({', '.join(s.name for s in slots)}); logs in {out_dir / 'workers'}")
