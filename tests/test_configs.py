@@ -86,3 +86,28 @@ def test_experiment_trains_one_epoch(experiment, small_data, mlflow_uri, tmp_pat
     _, cfg = small_experiment(experiment, small_data, "trainer.max_epochs=1", "trainer.enable_progress_bar=false")
     results = run(cfg, tmp_path / "out")
     assert 0.0 <= results["test/acc"] <= 1.0 and math.isfinite(results["train/loss"])
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["model=mlp", "model.net.dropout=1.5"], "model.net.dropout=1.5 is not valid: it must be a number in [0, 1)"),
+    (["model=cnn", "model.net.dropout=1.0"], "model.net.dropout=1.0"),  # trains nothing: every unit dropped
+    (["model=mlp", "model.net.hidden=[-5]"], "model.net.hidden=[-5] is not valid"),
+    (["model=mlp", "model.net.hidden=[0]"], "model.net.hidden=[0]"),
+    (["model=cnn", "model.net.channels=[0]"], "model.net.channels=[0] is not valid"),
+    (["model=cnn", "model.net.channels=[]"], "model.net.channels=[]"),
+])
+def test_net_sizes_and_dropout_out_of_range_are_refused_before_a_run(overrides, named):
+    """They used to end in a torch traceback when the net was built, or train a net that cannot learn."""
+    from lab.errors import LabError
+    from lab.train.job import check_config
+
+    with pytest.raises(LabError) as err:
+        check_config(load(["data=synthetic", *overrides]))
+    assert named in str(err.value)
+
+
+def test_in_range_net_values_pass():
+    from lab.train.job import check_config
+
+    check_config(load(["data=synthetic", "model=mlp", "model.net.hidden=[]", "model.net.dropout=0.0"]))
+    check_config(load(["data=synthetic", "model=cnn", "model.net.channels=[8]", "model.net.dropout=0.5"]))

@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from mlflow.entities import Metric
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
@@ -63,6 +63,10 @@ def _whole(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _widths(v) -> bool:
+    return isinstance(v, (list, tuple, ListConfig)) and all(_whole(w) and w >= 1 for w in v)
+
+
 # key: (test, what is valid). Keys absent from the composed config (momentum with Adam) are not checked.
 RULES = {
     "seed": (lambda v: _whole(v) and 0 <= v < 2**32, "a whole number in [0, 2**32) (what numpy's seeding takes)"),
@@ -70,6 +74,10 @@ RULES = {
     "model.optimizer.lr": (lambda v: _number(v) and 0 <= v < math.inf, "a number >= 0, e.g. 1e-3 (0 trains nothing)"),
     "model.optimizer.weight_decay": (lambda v: _number(v) and 0 <= v < math.inf, "a number >= 0 (0: no L2 penalty)"),
     "model.optimizer.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1), e.g. 0.9"),
+    # torch refuses p > 1 only when the net is built (a traceback), and trains nothing at p = 1.
+    "model.net.dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1), e.g. 0.2 (the share of units dropped)"),
+    "model.net.hidden": (lambda v: _widths(v), "a list of layer widths >= 1, e.g. [128, 64] ([] for no hidden layer)"),
+    "model.net.channels": (lambda v: _widths(v) and len(v) > 0, "a list of channel counts >= 1, e.g. [32, 64]"),
     "data.batch_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1, e.g. 64"),
     "trainer.max_epochs": (lambda v: v is None or (_whole(v) and (v >= 1 or v == -1)),
                            "a whole number of epochs >= 1 (-1: no limit)"),
