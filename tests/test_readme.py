@@ -47,6 +47,8 @@ def sweeps_dir(workdir):
     """The shipped sweeps/ in the working directory, where the README's relative paths find them."""
     tmp, _ = workdir
     shutil.copytree(README.parent / "sweeps", tmp / "sweeps")
+    for name in ("flower_photos", "cats_dogs"):  # as `lab data fetch` leaves them: the sweeps check data.root
+        (tmp / "data" / name).mkdir(parents=True)
 
 
 @pytest.mark.parametrize("argv", [c for c in COMMANDS if c[0] == "sweep"], ids=shlex.join)

@@ -112,7 +112,12 @@ def test_the_shipped_sweeps_are_found():
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
-def test_every_shipped_sweep_is_valid(path):
+def test_every_shipped_sweep_is_valid(path, tmp_path, monkeypatch):
+    from lab.data import fetch
+
+    monkeypatch.chdir(tmp_path)  # where `lab data fetch NAME` would have put the lecture datasets (data/...)
+    for dataset in fetch.DATASETS.values():
+        (tmp_path / "data" / dataset.target).mkdir(parents=True)
     sweep = spec.load(path)
     assert sweep.space, path
 

@@ -341,14 +341,17 @@ def check_paths(sweep: Sweep) -> None:
     of a range and for every choice of a categorical (checked as values, not by composing one config each)."""
     from hydra.utils import instantiate
 
-    from lab.train import job  # the checks lab train makes; Lightning's imports, paid once per launch
+    from lab.train import compose_errors, job  # the checks lab train makes; Lightning's imports, once per launch
 
     def compose(overrides: list[str], what: str):
         try:
             cfg = config.load(overrides)
         except Exception as err:  # noqa: BLE001 - any compose failure is the user's override
-            raise LabError(f"{sweep.path}: {what}: {str(err).splitlines()[0]}. Use a Hydra override path that "
-                           "exists, such as model.optimizer.lr, data.batch_size, data.image_size or "
+            said = compose_errors.sentence(err)
+            if said:  # `trainer.max_epoch is not a setting of Trainer: did you mean trainer.max_epochs?`
+                raise LabError(f"{sweep.path}: {what}: {said}") from err
+            raise LabError(f"{sweep.path}: {what}: {str(err).splitlines()[0].rstrip('.')}. Use a Hydra override "
+                           "path that exists, such as model.optimizer.lr, data.batch_size, data.image_size or "
                            "model.net.dropout.") from err
         try:
             job.check_config(cfg)
