@@ -72,6 +72,16 @@ def tag_run(uri: str, trial: optuna.trial.FrozenTrial | optuna.Trial, state: str
             client.update_run(run_id, name=name + PRUNED_SUFFIX)
 
 
+def end_if_running(uri: str, trial: optuna.trial.FrozenTrial | optuna.Trial, status: str) -> None:
+    """A signal can land before tracking.run's own handler is in place, or inside its last write (a slow SQLite
+    under load): the trial's run must not stay RUNNING for ever."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        client = MlflowClient(uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
+
+
 def end_failed(uri: str, trial: optuna.trial.FrozenTrial, reason: str) -> None:
     """The run of a trial that another process failed ends FAILED too, whatever its worker made of it."""
     run_id = trial.user_attrs.get("mlflow_run_id")

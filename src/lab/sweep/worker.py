@@ -70,6 +70,7 @@ def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str,
         reason = f"interrupted by {describe(stop)}"
         budget.retry(study, study._storage.get_trial(trial._trial_id), reason)  # noqa: SLF001
         records.tag_run(uri, trial, "INTERRUPTED", reason)
+        records.end_if_running(uri, trial, "KILLED")
         raise
     except torch.cuda.OutOfMemoryError as err:
         reason = f"out of memory: {str(err).splitlines()[0]}"
