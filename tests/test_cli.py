@@ -104,3 +104,18 @@ def test_options_are_read_before_torch_mlflow_or_lightning_load():
             "print(sorted(m for m in ('torch', 'pytorch_lightning', 'mlflow', 'optuna', 'matplotlib') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout.strip()) == (0, "[]"), proc.stderr
+
+
+def test_lab_train_help_is_labs_and_loads_no_training_library():
+    proc = lab("train", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("lab train [OVERRIDES...]: train one image classifier")
+    assert "powered by Hydra" not in proc.stdout and "data: digits, fashion_mnist" in proc.stdout
+
+
+def test_every_option_says_what_it_is_for():
+    """`lab COMMAND --help` explains every argument (--no-check and --deadline are internal, hidden)."""
+    undocumented = [f"{name} {a.dest}" for name, sub in next(
+        a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices.items()
+        for a in sub._actions if not a.help and not isinstance(a, argparse._SubParsersAction)]
+    assert undocumented == []

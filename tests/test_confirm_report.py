@@ -62,6 +62,14 @@ def test_confirm_reruns_the_top_trials_with_seeds_and_reports_mean_std(swept, la
     best_mean = max(means.values())
     assert means[int(parent.data.tags["confirm_winner"])] == best_mean
 
+    # Run again with one more seed: the 6 finished runs are reused, only seed 4 of each trial trains.
+    again = lab("confirm", swept.sweep_file, "--top", "2", "--seeds", "4", cwd=swept.tmp, env=swept.env, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr[-5000:]
+    assert again.stdout.count("finished before") == 6
+    runs = [r for r in children(swept.client, swept.parent_id) if "confirm.trial" in r.data.tags]
+    assert sorted((int(r.data.tags["confirm.trial"]), int(r.data.tags["confirm.seed"])) for r in runs) == sorted(
+        (t.number, s) for t in top for s in range(1, 5))
+
 
 @pytest.mark.slow
 def test_report_is_one_self_contained_page_logged_on_the_parent(swept, reported):

@@ -71,6 +71,13 @@ def test_test_images_of_a_folder_run_give_its_test_accuracy(folder_run, tmp_path
     assert torch.allclose(torch.tensor([float(r["p1"]) for r in rows]), probs.max(1).values, atol=1e-5)
     assert [r["predicted"] for r in rows] == [datamodule.class_names[i] for i in probs.argmax(1).tolist()]
     assert list(rows[0]) == ["file", "predicted", "probability", "top1", "p1", "top2", "p2", "top3", "p3"]
+    # A file outside the class folders beside them: the accuracy is still over those that are, and says so.
+    loose = tmp_path / "loose.png"
+    loose.write_bytes(Path(test.paths[0]).read_bytes())
+    status, stdout, _ = predict(capsys, run_id, *test.paths, loose)
+    assert status == 0, stdout
+    assert (f"accuracy against the class folders the files are in: {metrics['test/acc']:.4f} ({len(test.paths)} "
+            "images; 1 not in a class folder, not counted)") in stdout
 
 
 def test_every_way_of_naming_the_model_gives_the_same_predictions(folder_run, tmp_path, capsys):

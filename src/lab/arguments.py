@@ -7,6 +7,9 @@ import argparse
 
 from lab.data import fetch  # standard library only: its parser lists the datasets it knows
 
+SWEEP_FILE = "a sweep YAML file, or the name of a shipped sweep (quickstart, fashion_mnist_cnn, ...: sweeps/)"
+STORAGE = "Optuna storage: journal file path or RDB URL (default: runs/<study>/study.journal)"
+OUT = "the sweep's output folder (default: runs/<study>)"
 MODEL_FORMS = ("a run id (32 hex digits), models:/NAME@ALIAS, models:/NAME/VERSION, a sweep file (its best "
                "trial) or a checkpoint path a run recorded")
 
@@ -30,30 +33,30 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that find a sweep's study again: what best, confirm, report and ensemble take."""
-    parser.add_argument("sweep_file")
-    parser.add_argument("--storage", default=None, help="Optuna storage: journal file path or RDB URL")
-    parser.add_argument("--out", default=None, help="the sweep's output folder (default: runs/<study>)")
+    parser.add_argument("sweep_file", help=SWEEP_FILE)
+    parser.add_argument("--storage", default=None, help=STORAGE)
+    parser.add_argument("--out", default=None, help=OUT)
     parser.add_argument("--study", default=None, help="the study's name, when it was started with --study")
 
 
 def add_sweep_commands(sub) -> None:
     sweep = sub.add_parser("sweep", help="create or resume a study and run its trials on a pool of workers")
-    sweep.add_argument("sweep_file")
+    sweep.add_argument("sweep_file", help=SWEEP_FILE)
     sweep.add_argument("--gpus", default=None, help="comma-separated GPU ids (default: all visible GPUs)")
     sweep.add_argument("--workers-per-gpu", default="1", help="trials packed on each GPU: an integer or 'auto'")
     sweep.add_argument("--workers", type=int, default=None, help="worker processes when no GPU is used")
     add_budget_arguments(sweep)
-    sweep.add_argument("--storage", default=None, help="Optuna storage: journal file path or RDB URL")
-    sweep.add_argument("--out", default=None, help="output folder (default: runs/<study>)")
+    sweep.add_argument("--storage", default=None, help=STORAGE)
+    sweep.add_argument("--out", default=None, help=OUT)
     sweep.add_argument("--no-live", action="store_true", help="print one line per change instead of a live view")
     sweep.add_argument("--prepare", action="store_true",
                        help="create the study and its MLflow parent run, start no worker (then `lab worker` joins)")
     sweep.add_argument("overrides", nargs="*", help="Hydra overrides applied to every trial")
 
     worker = sub.add_parser("worker", help="run trials of an existing study until its budget is spent")
-    worker.add_argument("sweep_file")
-    worker.add_argument("--storage", default=None)
-    worker.add_argument("--out", default=None)
+    worker.add_argument("sweep_file", help=SWEEP_FILE)
+    worker.add_argument("--storage", default=None, help=STORAGE + "; the sweep's, e.g. postgresql://...")
+    worker.add_argument("--out", default=None, help=OUT)
     add_budget_arguments(worker)
     worker.add_argument("--worker-id", default=None, help="a name for this worker in logs and trial records")
     worker.add_argument("--no-check", action="store_true", help=argparse.SUPPRESS)  # the sweep parent checked
@@ -64,9 +67,9 @@ def add_sweep_commands(sub) -> None:
 
 def add_analysis_commands(sub) -> None:
     best = sub.add_parser("best", help="print the best trial and export it as an experiment config")
-    best.add_argument("sweep_file")
-    best.add_argument("--storage", default=None)
-    best.add_argument("--out", default=None)
+    best.add_argument("sweep_file", help=SWEEP_FILE)
+    best.add_argument("--storage", default=None, help=STORAGE)
+    best.add_argument("--out", default=None, help=OUT)
     best.add_argument("--study", default=None, help="the study's name, when it was started with --study")
     best.add_argument("--export", default=None, help="write the experiment YAML here (default: conf/experiment/)")
     best.add_argument("--trial", type=int, default=None,
@@ -101,8 +104,8 @@ def add_server_command(sub) -> None:
     server.add_argument("--backend-store-uri", default=None, help="sqlite:///PATH or postgresql://... "
                         "(default: $MLFLOW_TRACKING_URI if it is a database, else sqlite:///mlflow.db)")
     server.add_argument("--artifacts", default="mlartifacts", help="folder the server stores artifacts in")
-    server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=5000)
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    server.add_argument("--port", type=int, default=5000, help="TCP port (default 5000)")
     server.add_argument("--auth", action="store_true", help="MLflow basic auth (required for a non-loopback host)")
 
 

@@ -127,12 +127,14 @@ def train_command(argv: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from lab import config
-    from lab.train import compose_errors, job, tracking
+    from lab.train import compose_errors
 
     started = {}  # client and run_id once job.run has created the run
 
     @hydra.main(config_path=str(config.conf_dir()), config_name="train", version_base="1.3")
     def main(cfg) -> None:
+        from lab.train import job, tracking  # Lightning, MLflow: seconds, not for --help or a composing mistake
+
         try:
             job.run(cfg, HydraConfig.get().runtime.output_dir, run_name=cfg.mlflow.run_name,
                     tags={"lab.command": "lab train " + " ".join(HydraConfig.get().overrides.task)},

@@ -35,7 +35,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
 
-def rerun(sweep, trial, seed: int, out_dir, parent: str) -> dict[str, float] | None:
+def finished_before(client: MlflowClient, parent: str) -> dict[tuple[int, int, str], tuple[str, dict]]:
+    """(trial, seed, command) -> (run id, metrics) of the confirm runs an earlier `lab confirm` finished under the
+    sweep's run. Run again (or after a Ctrl-C), confirm reuses them rather than train and log them twice."""
+    exp_id = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'",
+                              max_results=50000)
+    return {(int(r.data.tags["confirm.trial"]), int(r.data.tags["confirm.seed"]), r.data.tags.get("lab.command", "")):
+            (r.info.run_id, dict(r.data.metrics)) for r in runs if "confirm.seed" in r.data.tags}
+
+
+def rerun(sweep, trial, seed: int, out_dir, parent: str, before: dict) -> dict[str, float] | None:
     # The trial's own overrides (base + params), minus pruning; seed= replaces the cfg.seed the trial ran with.
     from lab.sweep import objective  # Lightning's imports (~7 s) only when something trains
     from lab.train import job
@@ -43,6 +53,12 @@ def rerun(sweep, trial, seed: int, out_dir, parent: str) -> dict[str, float] | N
     overrides = [*objective.trial_overrides(sweep, trial), f"seed={seed}"]  # FrozenTrial has .params too
     tags = {"confirm.trial": str(trial.number), "confirm.seed": str(seed), "study": sweep.spec.study,
             "lab.command": "lab train " + shlex.join(overrides)}
+    found = before.get((trial.number, seed, tags["lab.command"]))
+    if found is not None:
+        run_id, metrics = found
+        print(f"trial {trial.number} seed {seed}: {sweep.spec.metric}={metrics.get(sweep.spec.metric, math.nan):.6g} "
+              f"{TEST_METRIC}={metrics.get(TEST_METRIC, math.nan):.6g} (run {run_id}, finished before)")
+        return metrics
     try:
         metrics = job.run(config.load(overrides), out_dir / "confirm" / f"trial_{trial.number}_seed_{seed}",
                             parent_run_id=parent, run_name=f"confirm-{trial.number}-seed-{seed}", tags=tags)
@@ -102,8 +118,9 @@ def command(args) -> None:
           f"{len(trials) * args.seeds} runs under parent run {parent}")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # K*S runs: one line each, not Lightning's banner
     rows = []
+    before = finished_before(MlflowClient(results.mlflow_uri()), parent)
     for rank, trial in enumerate(trials, 1):
-        runs = [rerun(sweep, trial, seed, out_dir, parent) for seed in seeds]
+        runs = [rerun(sweep, trial, seed, out_dir, parent, before) for seed in seeds]
         done = [m for m in runs if m is not None]
         mean, std = mean_std([m.get(sweep.spec.metric) for m in done])
         test_mean, test_std = mean_std([m.get(TEST_METRIC) for m in done])

@@ -65,14 +65,15 @@ def write_csv(path: Path, files: list[Path], tops: list[list[tuple[str, float]]]
             writer.writerow([str(file), top[0][0], f"{top[0][1]:.6f}", *[v for name, p in top for v in (name, f"{p:.6f}")]])
 
 
-def folder_accuracy(files: list[Path], tops, class_names: list[str]) -> tuple[int, float] | None:
-    """When every file lies in a folder named after a class (a test set laid out as training reads one):
-    (files, accuracy against those names); None otherwise."""
+def folder_accuracy(files: list[Path], tops, class_names: list[str]) -> tuple[int, float, int] | None:
+    """Over the files that lie in a folder named after a class (a test set laid out as training reads one):
+    (those files, their accuracy against the folder names, files left out); None when there are none."""
     names = set(class_names)
-    if not files or any(f.parent.name not in names for f in files):
+    scored = [(f, top) for f, top in zip(files, tops) if f.parent.name in names]
+    if not scored:
         return None
-    right = sum(f.parent.name == top[0][0] for f, top in zip(files, tops))
-    return len(files), right / len(files)
+    right = sum(f.parent.name == top[0][0] for f, top in scored)
+    return len(scored), right / len(scored), len(files) - len(scored)
 
 
 def command(args) -> None:
@@ -103,7 +104,8 @@ def command(args) -> None:
           f"model {done - decoded:.2f} s on {next(model.net.parameters()).device.type})")
     scored = folder_accuracy(files, tops, model.class_names)
     if scored:
-        print(f"accuracy against the class folders the files are in: {scored[1]:.4f} ({scored[0]} images)")
+        left = f"; {scored[2]} not in a class folder, not counted" if scored[2] else ""
+        print(f"accuracy against the class folders the files are in: {scored[1]:.4f} ({scored[0]} images{left})")
     if args.out:
         write_csv(Path(args.out), files, tops, min(args.top, len(model.class_names)))
         print(f"wrote {args.out}")
