@@ -240,3 +240,28 @@ def test_a_searched_data_root_is_left_to_each_trial(tmp_path):
     base = BASE.replace("[data=synthetic, model=mlp]", "[data=image_folder, data.root=/nowhere]")
     sweep = spec.load(write(tmp_path, "data.root: {type: categorical, choices: [/a, /b]}", base=base))
     assert "data.root" in sweep.space
+
+
+def test_a_resumed_worker_does_not_draw_the_first_launchs_configurations_again(tmp_path):
+    """Workers keep their ids (cpu0, ...) across launches; TPE's random start-up, seeded from the same seed,
+    repeated trial 0 after every resume."""
+    from lab.sweep import study as studies
+
+    base = BASE.replace("sampler: {name: tpe, seed: 0}", "sampler: {name: tpe, seed: 0, n_startup_trials: 10}")
+    sweep = spec.load(write(tmp_path, "model.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-1}", base=base),
+                      check=False)
+    storage = str(tmp_path / "study.journal")
+    studies.create_or_resume(sweep, storage)  # what `lab sweep` does before its workers join
+    drawn = []
+    for launch in range(3):
+        study = studies.create_or_resume(sweep, storage, worker_id="cpu0", join=True)
+        for _ in range(2):
+            trial = study.ask(sweep.space)
+            drawn.append(trial.params["model.optimizer.lr"])
+            study.tell(trial, 0.5)
+    assert len(set(drawn)) == 6, drawn
+    # A fresh study draws what it always drew: the first launch is unchanged.
+    again = tmp_path / "again.journal"
+    studies.create_or_resume(sweep, str(again))
+    first = studies.create_or_resume(sweep, str(again), worker_id="cpu0", join=True).ask(sweep.space)
+    assert first.params["model.optimizer.lr"] == drawn[0]

@@ -153,16 +153,18 @@ class GridSampler(optuna.samplers.GridSampler):
         return not self._get_unvisited_grid_ids(study)
 
 
-def make_sampler(sweep: Sweep, worker_id: str | None = None) -> optuna.samplers.BaseSampler:
+def make_sampler(sweep: Sweep, worker_id: str | None = None, trials_before: int = 0) -> optuna.samplers.BaseSampler:
     """Each worker gets its own seed (seed + a number from its id): with one shared seed, workers that
-    start together would all sample the same first configurations."""
+    start together would all sample the same first configurations. trials_before (the study's trials when the
+    worker joins) moves it on for a resumed sweep, whose workers have the same ids as before: a sampler still in
+    its random start-up would otherwise draw the first launch's configurations again."""
     options = dict(sweep.spec.sampler)
     name = options.pop("name")
     seed = options.pop("seed", None)
     # Not for the grid: its seed shuffles the order of the combinations, and a grid id in the storage must
     # name the same combination in every worker.
     if seed is not None and worker_id is not None and name != "grid":
-        seed = (int(seed) + zlib.crc32(worker_id.encode())) % 2**31
+        seed = (int(seed) + zlib.crc32(worker_id.encode()) + 7919 * trials_before) % 2**31
     try:
         if name == "grid":
             space = {n: grid_values(n, d) for n, d in sweep.space.items()}
@@ -219,6 +221,8 @@ def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, r
     study = optuna.create_study(study_name=sweep.spec.study, storage=store, sampler=make_sampler(sweep, worker_id),
                                 pruner=make_pruner(sweep), directions=[o.direction for o in objectives(sweep.spec)],
                                 load_if_exists=True)
+    if worker_id is not None:  # a resumed study: this worker's seed moved on by the trials already there
+        study.sampler = make_sampler(sweep, worker_id, len(study.get_trials(deepcopy=False)))
     stored = study.user_attrs
     wanted = [o.direction for o in objectives(sweep.spec)]
     if [d.name.lower() for d in study.directions] != wanted:  # create_study kept the stored ones silently
