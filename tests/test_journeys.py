@@ -70,6 +70,13 @@ def test_override_best_replay_is_exact_and_a_changed_resume_is_refused(lab, work
     assert len(journal(tmp, "ovr_e1").get_trials()) == 1 and len(journal(tmp, "ovr").get_trials()) == 2
     assert lab("best", path, "--study", "ovr_e1", "--export", tmp / "e1.yaml").returncode == 0
     assert len(parent_runs(client, "ovr")) == 1  # the refused launch made no parent run
+    # --export onto a file that is not an export of this study (here a shipped experiment): refused, kept.
+    mine = tmp / "conf" / "experiment" / "digits_mlp.yaml"
+    before = mine.read_text()
+    over = lab("best", path, "--study", "ovr_e1", "--export", mine)
+    assert over.returncode == 2 and "is not an earlier export of study 'ovr_e1'" in over.stderr, over.stderr
+    assert mine.read_text() == before and "best trial" not in over.stdout
+    assert lab("best", path, "--study", "ovr_e1", "--export", tmp / "e1.yaml").returncode == 0  # its own: replaced
 
 
 def test_failing_sweep_stops_with_the_reason_and_reruns_after_the_fix(lab, workdir, image_folder, journal):

@@ -237,7 +237,7 @@ def test_data_that_is_not_there_is_refused_before_any_trial(tmp_path, overrides,
 
 
 def test_a_searched_data_root_is_left_to_each_trial(tmp_path):
-    base = BASE.replace("[data=synthetic, model=mlp]", "[data=image_folder, data.root=/nowhere]")
+    base = BASE.replace("[data=synthetic, model=mlp]", "[data=image_folder]")
     sweep = spec.load(write(tmp_path, "data.root: {type: categorical, choices: [/a, /b]}", base=base))
     assert "data.root" in sweep.space
 
@@ -265,3 +265,9 @@ def test_a_resumed_worker_does_not_draw_the_first_launchs_configurations_again(t
     studies.create_or_resume(sweep, str(again))
     first = studies.create_or_resume(sweep, str(again), worker_id="cpu0", join=True).ask(sweep.space)
     assert first.params["model.optimizer.lr"] == drawn[0]
+
+
+def test_an_override_of_a_searched_parameter_is_refused(tmp_path):
+    path = write(tmp_path, "model.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-1}")
+    with pytest.raises(LabError, match=r"model\.optimizer\.lr=0\.1 sets model\.optimizer\.lr, which this sweep searches"):
+        spec.load(path, ["model.optimizer.lr=0.1"], check=False)

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         command = getattr(importlib.import_module(module), function)  # only now: torch, Lightning, MLflow load
         command(args)
     except (Interrupted, KeyboardInterrupt) as stop:  # outside a sweep's orderly stop: at start, while plotting
-        print(f"lab: interrupted by {stop or 'Ctrl-C'}", file=sys.stderr)
+        print(f"lab: interrupted by {str(stop) or 'Ctrl-C'}", file=sys.stderr)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001
         full = disk_full(err)

@@ -46,24 +46,46 @@ def chosen_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
     return trial
 
 
+def check_export(path: Path, study: str) -> None:
+    """Replaces only an earlier export of the same study: `--export conf/experiment/digits_mlp.yaml` once wrote over
+    the experiment the sweep itself starts from, which then named itself as its own base."""
+    if path.is_dir():
+        raise LabError(f"--export {path} is a folder: give a file name, e.g. {path / (study + '_best.yaml')}.")
+    if path.exists():
+        head = path.read_text(errors="replace").splitlines()[:2]
+        if len(head) < 2 or not head[1].startswith("# Trial ") or f" of study {study}:" not in head[1]:
+            raise LabError(f"--export {path} exists and is not an earlier export of study {study!r}: it is left as "
+                           "it is; give another file name.")
+
+
+def write_export(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as err:
+        raise LabError(f"--export {path} cannot be written ({err.strerror or err}): give a path in a folder you can "
+                       "write to.") from err
+
+
 def command(args) -> None:
     sweep = spec.from_args(args, check=False)
     _, storage = studies.locate(sweep, args.storage, args.out)
     study = studies.load(sweep, storage)
+    chosen = chosen_trial(study, args.trial) if args.trial is not None else None  # a wrong --trial: nothing printed
+    name = f"{sweep.spec.study}_best" if chosen is None else f"{sweep.spec.study}_trial{args.trial}"
+    path = Path(args.export) if args.export else config.export_dir() / f"{name}.yaml"
+    check_export(path, sweep.spec.study)
     outcome.close_if_done(sweep, study, absolute_uri(tracking.tracking_uri()), storage)
     best = outcome.print_best(sweep, study)
-    name = f"{sweep.spec.study}_best"
-    if args.trial is not None:  # any trial of any study: a Pareto front member, a runner-up
-        best, name = chosen_trial(study, args.trial), f"{sweep.spec.study}_trial{args.trial}"
+    if chosen is not None:  # any trial of any study: a Pareto front member, a runner-up
+        best = chosen
         names = [o.metric for o in objectives(sweep.spec)]
         print(f"trial {best.number} ({best.state.name}): {ranking.values_text(names, best)}")
     elif best is None:
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         raise LabError(f"study {sweep.spec.study!r} has no completed trial to export yet"
                        + (" that meets the constraints: export one with --trial N." if complete else "."))
-    path = Path(args.export) if args.export else config.export_dir() / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(experiment_yaml(sweep, best))
+    write_export(path, experiment_yaml(sweep, best))
     print(f"exported: {path}")
     found = [d / "experiment" for d in config.search_path()]
     if path.resolve().parent in found:
