@@ -148,3 +148,13 @@ def test_report_says_when_importances_cannot_be_drawn():
     assert section.count('class="plotly-graph-div"') == 3  # history, parallel coordinates, slice
     assert section.count("window.PlotlyConfig") == 1  # plotly.js with the first figure only
     assert "not drawn: 1 completed trial(s); param_importances needs 2 or more." in section
+
+
+@pytest.mark.slow
+def test_a_resume_logging_to_another_mlflow_store_is_refused_in_a_sentence(swept, lab):
+    other = swept.tmp / "other.db"
+    env = {**swept.env, "MLFLOW_TRACKING_URI": f"sqlite:///{other}"}
+    done = lab("sweep", swept.sweep_file, "--workers", "1", "--no-live", cwd=swept.tmp, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"It was started with MLFLOW_TRACKING_URI={swept.env['MLFLOW_TRACKING_URI']}" in done.stderr
+    assert not other.exists()  # nothing created in the wrong store

@@ -110,6 +110,7 @@ def sweep_command(args) -> None:
               f"`stop:` in {sweep.path} to go on.")
         outcome.print_best(sweep, study)
         return
+    records.check_store(study, uri)
     tracking.experiment_id(uri, sweep.mlflow_experiment)
     studies.begin_launch(sweep, study)
     reaped = reap(study, sweep, uri, storage)

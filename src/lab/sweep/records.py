@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import logging
+import os
 import time
 import warnings
 
@@ -14,6 +15,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from lab import figures
+from lab.errors import LabError
 from lab.sweep import budget, ranking
 from lab.sweep import study as studies
 from lab.sweep.spec import Sweep
@@ -21,7 +23,28 @@ from lab.train import tracking
 
 log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
+STORE_ATTR = "lab.mlflow_uri"  # study attr: the tracking URI (password masked) its parent run was created in
 PRUNED_SUFFIX = " (pruned)"
+
+
+def check_store(study: optuna.Study, uri: str) -> None:
+    """A resumed sweep logs into the MLflow store it started in: its parent run must be there. Checked before this
+    launch touches the store (a sqlite:/// path that does not exist is not created)."""
+    run_id = study.user_attrs.get(PARENT_ATTR)
+    if not run_id:
+        return
+    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    if path is None or os.path.exists(path):
+        try:
+            MlflowClient(uri).get_run(run_id)
+            return
+        except MlflowException:
+            pass
+    started = study.user_attrs.get(STORE_ATTR)
+    was = f" It was started with MLFLOW_TRACKING_URI={started}." if started else ""
+    raise LabError(f"study {study.study_name!r} logs to MLflow parent run {run_id}, which is not in "
+                   f"{tracking.mask_password(uri)}.{was} Set MLFLOW_TRACKING_URI back to the store the sweep started "
+                   "in, or start a new study with --study NAME.")
 
 
 def parent_run(study: optuna.Study, sweep: Sweep, uri: str, storage: str) -> str:
@@ -54,6 +77,7 @@ def parent_run(study: optuna.Study, sweep: Sweep, uri: str, storage: str) -> str
         params["constraints"] = studies.identity(sweep)["lab.constraints"]
     client.log_batch(run_id, params=[Param(k, str(v)[: tracking.MAX_PARAM_CHARS]) for k, v in params.items()])
     client.log_text(run_id, sweep.path.read_text(), "sweep.yaml")
+    study.set_user_attr(STORE_ATTR, tracking.mask_password(uri))
     study.set_user_attr(PARENT_ATTR, run_id)
     return run_id
 
