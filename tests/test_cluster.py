@@ -68,7 +68,7 @@ def test_workers_on_separate_hosts_share_one_postgres_study(workdir, lab, start_
     assert "trials.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
 
 
-N_LOAD = 32  # 4 trials per worker: every worker asks, runs and tells under load, and the suite stays short
+N_LOAD = 16  # 2 trials per worker: every worker asks, runs and tells under load, and the suite stays short
 LOAD = f"""
 metric: val/acc
 n_trials: {N_LOAD}
