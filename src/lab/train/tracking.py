@@ -45,7 +45,8 @@ def creation_lock(uri: str):
     if not uri.startswith("sqlite:///"):
         yield  # a server or a database server serialises this itself
         return
-    with file_lock(Path(uri.removeprefix("sqlite:///") + ".create.lock")):
+    db = Path(uri.removeprefix("sqlite:///"))
+    with file_lock(db.with_name(f".{db.name}.create.lock")):  # hidden: it stays beside the user's mlflow.db
         yield
 
 
