@@ -88,11 +88,16 @@ def test_failing_sweep_stops_with_the_reason_and_reruns_after_the_fix(lab, workd
                  "model=mlp", "model.net.hidden=[16]", "trainer.max_epochs=1"]
     path = write_sweep(tmp, "flowers", grid, overrides, extra="n_trials: 20\nsampler: {name: grid}\n")
 
+    missing = lab("sweep", path, "--workers", "2", "--no-live")  # every trial would fail: refused before one runs
+    assert missing.returncode == 2 and f"data.root={root} does not exist" in missing.stderr, missing.stderr
+    assert not (tmp / "runs" / "flowers").exists()
+
+    root.mkdir()  # there, but without class folders: what only a trial finds out
     failed = lab("sweep", path, "--workers", "2", "--no-live")
     assert failed.returncode == 1, failed.stdout + failed.stderr
     no_traceback(failed)
     assert "n_trials=20 is more than the grid's 4 combinations" in failed.stdout
-    assert f"data.root={root} does not exist" in failed.stdout  # said when the first trial failed
+    assert f"data.root={root} holds no class sub-folders" in failed.stdout  # said when the first trial failed
     study = journal(tmp, "flowers")
     assert {t.state for t in study.get_trials()} == {TrialState.FAIL}
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
