@@ -80,13 +80,6 @@ def from_uri(uri: str, name: str, run_id: str | None = None) -> Model:
     return Model(net.eval(), meta, run_id or info.run_id, uri)
 
 
-def run_config(mlflow_client: MlflowClient, run_id: str):
-    """The resolved config.yaml a run logged."""
-    from lab.train import exported
-
-    return exported.run_config(run_id, results.mlflow_uri())
-
-
 def checkpointed(mlflow_client: MlflowClient, run_id: str, name: str):
     """(Classifier with the run's tested weights, its set-up datamodule), from its config.yaml and checkpoint."""
     from lab.train import exported  # Lightning's imports (~7 s) only when something is built
