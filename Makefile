@@ -21,10 +21,10 @@ demo: install
 	$(LAB) best sweeps/quickstart.yaml
 
 test: install
-	$(PY) -m pytest -q -n 3 --dist loadgroup --durations=30
+	$(PY) -m pytest -q --durations=30
 
 test-fast: install
-	$(PY) -m pytest -q -n 3 --dist loadgroup -m "not slow"
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench

@@ -72,24 +72,6 @@ def pytest_configure(config):
         config.addinivalue_line("filterwarnings", line)
 
 
-# `make test` runs the files on several processes (pytest-xdist, --dist loadgroup): each file stays on one, so
-# that its module fixtures run once, and the files sharing the session's `swept` sweep go together.
-SHARED_SWEEP_FILES = ("test_confirm_report", "test_browser")
-
-
-# The longest files first (minutes each on 2 cores): started last, one of them would run on alone at the end.
-LONG_FILES = ("test_readme", "test_journeys", "test_cluster", "test_supervision", "test_faults", "test_train_cli",
-              "test_seeds", "test_warm_stop")
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        stem = item.path.stem
-        item.add_marker(pytest.mark.xdist_group("swept" if stem in SHARED_SWEEP_FILES else stem))
-    rank = {stem: i for i, stem in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(LONG_FILES)))  # stable: each file keeps its order
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """LAB_TEST_CPU=FILE: each test's CPU seconds (this process and the `lab` processes it waited for) appended as
