@@ -249,7 +249,17 @@ def log_dataset(client: MlflowClient, run_id: str, datamodule, name: str, source
             return {**super().to_dict(), "profile": json.dumps(profile)}
 
     entity = Profiled(src, name=name, digest=digest)._to_mlflow_entity()
-    client.log_inputs(run_id, [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, "train")])])
+    inputs = [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, "train")])]
+    for attempt in range(5):
+        try:
+            client.log_inputs(run_id, inputs)
+            break
+        except mlflow.exceptions.MlflowException as err:
+            # MLflow's store looks the dataset up, then inserts it: 8 trials starting at once on one SQLite file
+            # raced there (UNIQUE constraint failed: datasets...) and one trial failed. Again, it finds the row.
+            if not any(w in str(err) for w in ("UNIQUE constraint", "duplicate key", "IntegrityError")) or attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
     return digest
 
 
