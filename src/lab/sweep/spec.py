@@ -252,9 +252,9 @@ def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None
     exp = [f"experiment={spec.experiment}"] if spec.experiment else []
     sweep = Sweep(spec, path, space, merge_overrides(exp, spec.overrides, list(extra_overrides)), list(extra_overrides),
                   typed=typed)
-    searched = [o for o in sweep.base_overrides if override_key(o).lstrip("+~") in space]
-    if searched:  # the trial's sampled value would replace it without a word
-        key = override_key(searched[0]).lstrip("+~")
+    searched = [o for o in extra_overrides if override_key(o) in space] if check else []
+    if searched:  # typed on the command line, the trial's sampled value would replace it without a word
+        key = override_key(searched[0])
         raise LabError(f"{searched[0]} sets {key}, which this sweep searches (params.{key}): every trial would "
                        f"replace it with its own value. Remove it, or remove params.{key} from {path} to fix it.")
     sweep.notes += seed_notes(spec)
