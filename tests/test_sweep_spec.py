@@ -270,4 +270,4 @@ def test_a_resumed_worker_does_not_draw_the_first_launchs_configurations_again(t
 def test_an_override_of_a_searched_parameter_is_refused(tmp_path):
     path = write(tmp_path, "model.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-1}")
     with pytest.raises(LabError, match=r"model\.optimizer\.lr=0\.1 sets model\.optimizer\.lr, which this sweep searches"):
-        spec.load(path, ["model.optimizer.lr=0.1"], check=False)
+        spec.load(path, ["model.optimizer.lr=0.1"])
