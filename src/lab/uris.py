@@ -16,6 +16,11 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a sqlite:/// URI (relative or absolute); None for any other kind of store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def is_rdb(storage: str) -> bool:
     return "://" in storage
 

@@ -55,8 +55,11 @@ class IdxDataModule(TensorDataModule):
                     return candidate
         return None
 
+    def _missing(self) -> list[str]:
+        return [stem for stem in FILES.values() if self._find(stem) is None]
+
     def prepare_data(self) -> None:
-        missing = [stem for stem in FILES.values() if self._find(stem) is None]
+        missing = self._missing()
         if not missing:
             return
         if not self.download:
@@ -66,7 +69,7 @@ class IdxDataModule(TensorDataModule):
         fetch.fetch_idx(fetch.DATASETS[self.DATASET], self.root, self.url, force=False, system_dirs=False)
 
     def check_source(self) -> None:
-        missing = [stem for stem in FILES.values() if self._find(stem) is None]
+        missing = self._missing()
         if missing and not self.download:
             raise LabError(self._where_message(missing))
 

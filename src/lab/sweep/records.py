@@ -4,7 +4,6 @@ import csv
 import io
 import json
 import logging
-import os
 import time
 import warnings
 
@@ -20,6 +19,7 @@ from lab.sweep import budget, ranking
 from lab.sweep import study as studies
 from lab.sweep.spec import Sweep
 from lab.train import tracking
+from lab.uris import sqlite_path
 
 log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -33,8 +33,8 @@ def check_store(study: optuna.Study, uri: str) -> None:
     run_id = study.user_attrs.get(PARENT_ATTR)
     if not run_id:
         return
-    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
-    if path is None or os.path.exists(path):
+    path = sqlite_path(uri)
+    if path is None or path.exists():
         try:
             MlflowClient(uri).get_run(run_id)
             return

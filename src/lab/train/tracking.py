@@ -42,10 +42,10 @@ def tracking_uri(uri: str | None = None) -> str:
 def creation_lock(uri: str):
     """One process at a time creates a SQLite store's schema: MLflow migrates a fresh database on first use,
     and two sweeps (or `lab train`s) started together on one crashed in the migration."""
-    if not uri.startswith("sqlite:///"):
+    db = uris.sqlite_path(uri)
+    if db is None:
         yield  # a server or a database server serialises this itself
         return
-    db = Path(uri.removeprefix("sqlite:///"))
     with file_lock(db.with_name(f".{db.name}.create.lock")):  # hidden: it stays beside the user's mlflow.db
         yield
 
@@ -54,10 +54,8 @@ def create_sqlite_store(uri: str) -> None:
     """A fresh SQLite store is built under a temporary name, then renamed into place. MLflow's schema migration
     takes seconds, and a Ctrl-C inside it used to leave a half-made mlflow.db that every later command failed on
     (`table _alembic_tmp_experiments already exists`). Call under creation_lock."""
-    if not uri.startswith("sqlite:///"):
-        return
-    path = Path(uri.removeprefix("sqlite:///"))
-    if path.exists() and path.stat().st_size > 0:
+    path = uris.sqlite_path(uri)
+    if path is None or (path.exists() and path.stat().st_size > 0):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     for old in path.parent.glob(f".{path.name}.creating-*"):  # left by a creator that was killed
