@@ -22,6 +22,7 @@ FORBIDDEN = {
     "uris.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
     "figures.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
     "locks.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
+    "interrupts.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
 }
 
 

@@ -8,18 +8,16 @@ import importlib
 import logging
 import os
 import re
-import signal
 import sys
 import warnings
 
-from lab import arguments
+from lab import arguments, interrupts
 from lab.errors import (
     DISK_FULL,
     Interrupted,
     LabError,
     close_matches,
     disk_full,
-    raise_interrupted,
     user_error,
 )
 
@@ -153,8 +151,7 @@ def train_command(argv: list[str]) -> None:
         print(tracking.summary(started["client"], uri, started["run_id"]), flush=True)
 
     sys.argv = ["lab train", *with_overrides(expand_home(argv), config.search_path_override())]
-    signal.signal(signal.SIGTERM, raise_interrupted)  # the run ends KILLED, the exit status says so
-    signal.signal(signal.SIGINT, raise_interrupted)  # Ctrl-C too, in lab's words (not Lightning's SystemExit(1))
+    interrupts.install()  # the run ends KILLED, the exit status says so (not Lightning's SystemExit(1))
     # Without HYDRA_FULL_ERROR, Hydra prints its own errors and exits 1; with it, they reach the except below.
     # Whoever set it already wants full tracebacks, and keeps them.
     traces = os.environ.get("HYDRA_FULL_ERROR") == "1"

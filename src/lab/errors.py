@@ -83,9 +83,3 @@ class StopRun(Exception):
 class Interrupted(BaseException):
     """SIGINT/SIGTERM turned into an exception. A BaseException that is not KeyboardInterrupt, so that
     Lightning re-raises it as it is instead of converting Ctrl-C into sys.exit(1)."""
-
-
-def raise_interrupted(signum, frame) -> None:
-    import signal
-
-    raise Interrupted(signal.Signals(signum).name)

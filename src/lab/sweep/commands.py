@@ -14,8 +14,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from lab import config
-from lab.errors import DISK_FULL, Interrupted, LabError, raise_interrupted, says_disk_full
+from lab import config, interrupts
+from lab.errors import DISK_FULL, Interrupted, LabError, says_disk_full
 from lab.sweep import budget, live, liveness, outcome, pool, records, spec, worker
 from lab.sweep import stop as stop_rules
 from lab.sweep import study as studies
@@ -142,8 +142,7 @@ def sweep_command(args) -> None:
     view = live.LiveView(live=False if args.no_live else None)
     failures = Failures(study)
     interrupted = None
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the terminal was closed
-        signal.signal(sig, raise_interrupted)
+    interrupts.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))  # SIGHUP: the terminal was closed
     grace = liveness.grace_s()
     try:
         workers.start()
@@ -241,8 +240,7 @@ def worker_command(args) -> None:
     out_dir, storage = studies.locate(sweep, args.storage, args.out)
     deadline = args.deadline if args.deadline is not None else worker.deadline_from(sweep.spec.timeout, time.time())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, raise_interrupted)
-    signal.signal(signal.SIGINT, raise_interrupted)
+    interrupts.install()
     worker.follow_parent()
     liveness.start()
     # The pool gives each worker its share of the cores; a worker started by hand uses torch's default.
