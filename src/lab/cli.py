@@ -131,6 +131,12 @@ def train_command(argv: list[str]) -> None:
 
     @hydra.main(config_path=str(config.conf_dir()), config_name="train", version_base="1.3")
     def main(cfg) -> None:
+        from lab.train import rules
+
+        try:
+            rules.check(cfg)  # a bad number is said in 0.3 s, not after seconds of imports
+        except LabError as err:
+            fail(err)
         from lab.train import job, tracking  # Lightning, MLflow: seconds, not for --help or a composing mistake
 
         try:

@@ -17,13 +17,13 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from mlflow.entities import Metric
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
 from lab.data.folder import ImageFolder
 from lab.errors import LabError, unknown_key
-from lab.train import checkpoints, exported, measure, misclassified, tracking
+from lab.train import checkpoints, exported, measure, misclassified, rules, tracking
 from lab.train.checkpoints import LastCheckpoint
 from lab.train.module import Diverged, call_factory
 
@@ -54,41 +54,8 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
 
 # -- the config checked before any MLflow run exists ------------------------------------------------------
 # A bad value used to surface as a torch or Lightning traceback mid-fit, with a FAILED run left behind.
+# rules.RULES holds the values lab knows more about than a signature says; the rest is read from signatures.
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _whole(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _widths(v) -> bool:
-    return isinstance(v, (list, tuple, ListConfig)) and all(_whole(w) and w >= 1 for w in v)
-
-
-# key: (test, what is valid). Keys absent from the composed config (momentum with Adam) are not checked.
-RULES = {
-    "seed": (lambda v: _whole(v) and 0 <= v < 2**32, "a whole number in [0, 2**32) (what numpy's seeding takes)"),
-    "threads": (lambda v: v is None or (_whole(v) and v >= 0), "a whole number >= 0 (0: $LAB_TORCH_THREADS)"),
-    "model.optimizer.lr": (lambda v: _number(v) and 0 <= v < math.inf, "a number >= 0, e.g. 1e-3 (0 trains nothing)"),
-    "model.optimizer.weight_decay": (lambda v: _number(v) and 0 <= v < math.inf, "a number >= 0 (0: no L2 penalty)"),
-    "model.optimizer.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1), e.g. 0.9"),
-    # torch refuses p > 1 only when the net is built (a traceback), and trains nothing at p = 1.
-    "model.net.dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1), e.g. 0.2 (the share of units dropped)"),
-    "model.net.hidden": (lambda v: _widths(v), "a list of layer widths >= 1, e.g. [128, 64] ([] for no hidden layer)"),
-    "model.net.channels": (lambda v: _widths(v) and len(v) > 0, "a list of channel counts >= 1, e.g. [32, 64]"),
-    "data.batch_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1, e.g. 64"),
-    "trainer.max_epochs": (lambda v: v is None or (_whole(v) and (v >= 1 or v == -1)),
-                           "a whole number of epochs >= 1 (-1: no limit)"),
-    "mlflow.misclassified_per_class": (lambda v: _whole(v) and v >= 0,
-                                       "a whole number of images >= 0 per true class (0: none logged)"),
-    "mlflow.log_model": (lambda v: isinstance(v, bool), "true or false"),
-    "measure.enabled": (lambda v: isinstance(v, bool), "true or false"),
-    "measure.batch_size": (lambda v: v is None or (_whole(v) and v >= 1),
-                           "a whole number >= 1, or null for data.batch_size"),
-    "measure.budget_s": (lambda v: _number(v) and 0 < v < math.inf, "seconds > 0, e.g. 0.3"),
-}
 TRAINER_SET_BY_LAB = ("logger", "callbacks", "default_root_dir")
 
 
@@ -124,7 +91,7 @@ def _numbers(p: inspect.Parameter) -> set[type] | None:
     No annotation: a number default admits any number."""
     ann = p.annotation
     if ann is inspect.Parameter.empty:
-        return {int, float} if _number(p.default) else None
+        return {int, float} if rules.number(p.default) else None
     members = set(typing.get_args(ann)) if typing.get_origin(ann) in (typing.Union, types.UnionType) else {ann}
     members.discard(type(None))
     return members if members and members <= {int, float, bool} else None
@@ -132,7 +99,7 @@ def _numbers(p: inspect.Parameter) -> set[type] | None:
 
 def _check_value(key: str, value, p: inspect.Parameter) -> None:
     kinds = _numbers(p)
-    if kinds is None or value is None or type(value) in kinds or (float in kinds and _whole(value)):
+    if kinds is None or value is None or type(value) in kinds or (float in kinds and rules.whole(value)):
         return
     what = "a whole number" if kinds == {int} else "a number"
     raise LabError(f"{key}={value!r} is not valid: it must be {what}.")
@@ -172,10 +139,8 @@ def locate(key: str, dotted: str):
 
 def _check_leaf(key: str, value, param: inspect.Parameter | None) -> None:
     """RULES for the keys that have one, else the type the argument it feeds admits."""
-    if key in RULES:
-        test, valid = RULES[key]
-        if not test(value):
-            raise LabError(f"{key}={value!r} is not valid: it must be {valid}.")
+    if key in rules.RULES:
+        rules.check_leaf(key, value)
     elif param is not None:
         _check_value(key, value, param)
 
@@ -222,7 +187,7 @@ def check_values(cfg: DictConfig, key: str, values) -> None:
     current = OmegaConf.select(cfg, key, default=None)
     for value in values:
         _check_leaf(key, value, (params or {}).get(leaf))
-        if _number(current) and not _number(value) and value is not None:
+        if rules.number(current) and not rules.number(value) and value is not None:
             raise LabError(f"{key}={value!r} is not valid: it is a number in the config ({current!r}).")
 
 
