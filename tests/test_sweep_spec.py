@@ -271,3 +271,18 @@ def test_an_override_of_a_searched_parameter_is_refused(tmp_path):
     path = write(tmp_path, "model.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-1}")
     with pytest.raises(LabError, match=r"model\.optimizer\.lr=0\.1 sets model\.optimizer\.lr, which this sweep searches"):
         spec.load(path, ["model.optimizer.lr=0.1"])
+
+
+def test_a_resume_with_the_same_overrides_in_another_order_or_notation_resumes(tmp_path):
+    from lab.sweep import study as studies
+
+    path = write(tmp_path, "model.optimizer.lr: {type: float, low: 1.0e-3, high: 1.0e-1}\n")
+    storage = str(tmp_path / "study.journal")
+    first = spec.load(path, ["trainer.max_epochs=3", "model.net.dropout=1e-1"], check=False)
+    studies.create_or_resume(first, storage)
+    again = spec.load(path, ["model.net.dropout=0.1", "trainer.max_epochs=3"], check=False)
+    studies.create_or_resume(again, storage)
+    assert again.base_overrides == first.base_overrides  # the stored text, which trials and `lab best` show
+    with pytest.raises(LabError, match="was created with the overrides"):
+        studies.create_or_resume(spec.load(path, ["model.net.dropout=0.2", "trainer.max_epochs=3"], check=False),
+                                 storage)

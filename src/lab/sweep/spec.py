@@ -99,6 +99,19 @@ def merge_overrides(*groups: list[str]) -> list[str]:
     return list(merged.values())
 
 
+def same_overrides(a: list[str], b: list[str]) -> bool:
+    """The same settings as Hydra reads them: in any order, `lr=1e-1` as `lr=0.1`, `'[8]'` as `[8]`. A number's
+    type counts (max_epochs=1 is not max_epochs=1.0)."""
+    def read(overrides):
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        return sorted((o.key_or_group, str(o.package), o.type.name, repr(o.value())) for o in parsed)
+
+    try:
+        return read(a) == read(b)
+    except Exception:  # noqa: BLE001 - text Hydra cannot read: only the same text is the same
+        return list(a) == list(b)
+
+
 def override_value(value: Any) -> str:
     """A Python value as Hydra override text: json covers numbers, bools, null, lists; bare words stay bare."""
     if isinstance(value, str):

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from lab.errors import LabError
 from lab.sweep import journal, warm
 from lab.sweep.objectives import objectives
-from lab.sweep.spec import Sweep, grid_values, override_key
+from lab.sweep.spec import Sweep, grid_values, override_key, same_overrides
 from lab.uris import is_rdb, mask_password
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,9 @@ def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, r
                     setattr(sweep.spec, key, value)
         if join and before is not None and not sweep.cli_overrides:
             sweep.base_overrides = list(before)
-        elif before is not None and list(before) != sweep.base_overrides:
+        elif before is not None and same_overrides(before, sweep.base_overrides):
+            sweep.base_overrides = list(before)  # the same settings, typed in another order or notation
+        elif before is not None:
             raise LabError(
                 f"study {sweep.spec.study!r} was created with the overrides {' '.join(before) or '(none)'}; this "
                 f"launch gives {' '.join(sweep.base_overrides) or '(none)'}. Resuming would mix trials trained "
