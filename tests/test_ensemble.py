@@ -105,7 +105,7 @@ def test_top_k_is_logged_with_its_members_under_the_sweep_run(inside, capsys):
 
 def test_bad_members_are_refused(inside, capsys):
     status, out = lab_in_process(capsys, "ensemble", inside.file, "--trials", "99")
-    assert status == 2 and "trial(s) [99]" in out
+    assert status == 2 and "there is no trial 99 (the study has trials 0-" in out and "the completed ones are [" in out
     status, out = lab_in_process(capsys, "ensemble", inside.file, "--top", "0")
     assert status == 2 and "--top=0 is not valid" in out
 

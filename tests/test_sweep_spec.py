@@ -1,4 +1,5 @@
 """Sweep-file validation and worker placement: logic tests, no training."""
+import re
 import textwrap
 from pathlib import Path
 
@@ -286,3 +287,17 @@ def test_a_resume_with_the_same_overrides_in_another_order_or_notation_resumes(t
     with pytest.raises(LabError, match="was created with the overrides"):
         studies.create_or_resume(spec.load(path, ["model.net.dropout=0.2", "trainer.max_epochs=3"], check=False),
                                  storage)
+
+
+@pytest.mark.parametrize("text, said", [
+    (BASE.replace("n_trials", "n_trial") + "  model.optimizer.lr: {type: float, low: 0.001, high: 0.1}\n",
+     "n_trial is not a key of a sweep file. Did you mean n_trials?"),
+    (BASE + "  model.optimizer.lr: {type: float, low: 0.001, hgih: 0.1}\n",
+     "hgih is not a param's setting (in params.model.optimizer.lr). Did you mean high?"),
+    ("", "sets no study: a sweep file names its study (study: NAME)"),
+])
+def test_a_mistyped_or_empty_sweep_file_is_one_sentence_that_says_what_was_meant(tmp_path, text, said):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(LabError, match=re.escape(said)):
+        spec.load(path, check=False)

@@ -134,8 +134,12 @@ def chosen_trials(study, top: int, trials: str | None) -> list:
     numbers = parse_trials(trials)
     missing = [n for n in numbers if n not in by_number]
     if missing:
-        raise LabError(f"--trials: trial(s) {missing} of study {study.study_name!r} are not completed; the completed "
-                       f"ones are {sorted(by_number)}.")
+        count = len(study.get_trials(deepcopy=False))
+        absent = [n for n in missing if not 0 <= n < count]
+        why = (f"there is no trial {absent[0]} (the study has trials 0-{count - 1})" if absent and count else
+               f"study {study.study_name!r} has no trial {absent[0]}" if absent else
+               f"trial(s) {missing} of study {study.study_name!r} are not completed")
+        raise LabError(f"--trials: {why}; the completed ones are {sorted(by_number)}.")
     return [by_number[n] for n in numbers]
 
 

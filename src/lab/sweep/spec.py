@@ -13,10 +13,10 @@ import optuna
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from lab import config
-from lab.errors import LabError
+from lab.errors import LabError, close_matches
 from lab.sweep import seeds, warm
 from lab.sweep import stop as stop_rules
 from lab.sweep.objectives import (
@@ -236,6 +236,25 @@ def find(path: Path) -> Path:
                    "(give a name, e.g. `lab sweep quickstart`, or a path to your own file).")
 
 
+def file_error(path: Path, raw, err: OmegaConfBaseException) -> LabError:
+    """One sentence for a sweep file OmegaConf refuses: the key, what is wrong, the likely meant key."""
+    key = str(getattr(err, "full_key", None) or getattr(err, "key", None) or "")
+    fields = sorted(SweepSpec.__dataclass_fields__)
+    if key == "study" and "study" not in (raw or {}):
+        return LabError(f"{path} sets no study: a sweep file names its study (study: NAME) and the params to search, "
+                        "e.g. sweeps/quickstart.yaml.")
+    if isinstance(err, ConfigKeyError):
+        leaf = key.rsplit(".", 1)[-1]
+        in_param = key.startswith("params.")
+        valid = sorted(ParamSpec.__dataclass_fields__) if in_param else fields
+        close = close_matches(leaf, valid, n=1)
+        where = f"a param's setting (in {key.rsplit('.', 1)[0]})" if in_param else "a key of a sweep file"
+        hint = f" Did you mean {close[0]}?" if close else ""
+        return LabError(f"{path}: {leaf} is not {where}.{hint} Valid: {', '.join(valid)}.")
+    return LabError(f"{path}: invalid sweep file at {key!r}: {str(err).splitlines()[0]}. Valid keys: "
+                    f"{', '.join(fields)}; each param takes {', '.join(sorted(ParamSpec.__dataclass_fields__))}.")
+
+
 def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None = None, check: bool = True,
          max_failures: int | None = None, max_retries: int | None = None) -> Sweep:
     """check=False skips composing the config per parameter (workers the parent already checked for).
@@ -249,10 +268,7 @@ def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None
         spec_cfg = OmegaConf.merge(OmegaConf.structured(SweepSpec), raw)
         spec: SweepSpec = OmegaConf.to_object(spec_cfg)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or getattr(err, "key", None)
-        raise LabError(f"{path}: invalid sweep file at {key!r}: {str(err).splitlines()[0]}. Valid keys: "
-                       f"{sorted(SweepSpec.__dataclass_fields__)}; each param takes "
-                       f"{sorted(ParamSpec.__dataclass_fields__)}.") from err
+        raise file_error(path, raw, err) from err
     for key, value in (("n_trials", n_trials), ("max_failures", max_failures), ("max_retries", max_retries)):
         if value is not None:
             setattr(spec, key, value)
