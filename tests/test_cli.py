@@ -119,3 +119,15 @@ def test_every_option_says_what_it_is_for():
         a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices.items()
         for a in sub._actions if not a.help and not isinstance(a, argparse._SubParsersAction)]
     assert undocumented == []
+
+
+def test_ctrl_c_before_a_command_has_started_is_a_sentence_and_status_130(monkeypatch, capsys):
+    from lab import cli
+
+    def pressed(*_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "quiet_libraries", pressed)  # the first thing main does, imports included
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train"])
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "lab: interrupted by Ctrl-C before anything had started\n"

@@ -180,7 +180,14 @@ def train_command(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        run_command(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its handlers (Hydra's, torch's imports)
+        print("lab: interrupted by Ctrl-C before anything had started", file=sys.stderr)
+        sys.exit(130)
+
+
+def run_command(argv: list[str]) -> None:
     quiet_libraries()
     if argv and argv[0] == "train":
         return train_command(argv[1:])
