@@ -137,3 +137,16 @@ def test_best_registers_the_champion_once_and_predict_loads_it(inside, capsys, t
     assert status == 0, by_sweep
     row = lambda text: next(line for line in text.splitlines() if line.startswith(str(image)))  # noqa: E731
     assert row(by_alias) == row(by_sweep)
+
+
+@pytest.mark.parametrize("command", ["best", "ensemble", "report", "confirm"])
+def test_commands_after_a_sweep_name_the_store_it_ran_in_when_pointed_at_another(inside, capsys, monkeypatch,
+                                                                                tmp_path, command):
+    elsewhere = f"sqlite:///{tmp_path}/other.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    status, out = lab_in_process(capsys, command, inside.file)
+    assert status == 2, out
+    assert f"parent run {inside.parent}, which is not in {elsewhere}" in out
+    assert f"It was started with MLFLOW_TRACKING_URI={inside.env['MLFLOW_TRACKING_URI']}" in out
+    assert "--study NAME" not in out and "Traceback" not in out
+    assert not (tmp_path / "other.db").exists()  # a read: nothing created where the user pointed by mistake

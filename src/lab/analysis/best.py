@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from lab import config
 from lab.analysis import registry
 from lab.errors import LabError
-from lab.sweep import outcome, ranking, spec
+from lab.sweep import outcome, ranking, records, spec
 from lab.sweep import study as studies
 from lab.sweep.objectives import objectives
 from lab.train import tracking
@@ -71,6 +71,7 @@ def command(args) -> None:
     sweep = spec.from_args(args, check=False)
     _, storage = studies.locate(sweep, args.storage, args.out)
     study = studies.load(sweep, storage)
+    records.check_store(study, absolute_uri(tracking.tracking_uri()), resuming=False)
     chosen = chosen_trial(study, args.trial) if args.trial is not None else None  # a wrong --trial: nothing printed
     name = f"{sweep.spec.study}_best" if chosen is None else f"{sweep.spec.study}_trial{args.trial}"
     path = Path(args.export) if args.export else config.export_dir() / f"{name}.yaml"

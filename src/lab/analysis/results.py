@@ -15,7 +15,9 @@ def open_study(args) -> tuple[spec.Sweep, Path, optuna.Study]:
     args has sweep_file, storage, out, study. Creates nothing when there is no such study."""
     sweep = spec.from_args(args, check=False)
     out_dir, storage = studies.locate(sweep, args.storage, args.out)
-    return sweep, out_dir, studies.load(sweep, storage)
+    study = studies.load(sweep, storage)
+    records.check_store(study, mlflow_uri(), resuming=False)  # its runs are in another store: say which
+    return sweep, out_dir, study
 
 
 def mlflow_uri() -> str:

@@ -27,9 +27,10 @@ STORE_ATTR = "lab.mlflow_uri"  # study attr: the tracking URI (password masked) 
 PRUNED_SUFFIX = " (pruned)"
 
 
-def check_store(study: optuna.Study, uri: str) -> None:
-    """A resumed sweep logs into the MLflow store it started in: its parent run must be there. Checked before this
-    launch touches the store (a sqlite:/// path that does not exist is not created)."""
+def check_store(study: optuna.Study, uri: str, resuming: bool = True) -> None:
+    """A resumed sweep logs into the MLflow store it started in, and the commands that read it afterwards read
+    from there: its parent run must be there. Checked before anything touches the store (a sqlite:/// path that
+    does not exist is not created)."""
     run_id = study.user_attrs.get(PARENT_ATTR)
     if not run_id:
         return
@@ -42,9 +43,10 @@ def check_store(study: optuna.Study, uri: str) -> None:
             pass
     started = study.user_attrs.get(STORE_ATTR)
     was = f" It was started with MLFLOW_TRACKING_URI={started}." if started else ""
+    fresh = ", or start a new study with --study NAME" if resuming else ""
     raise LabError(f"study {study.study_name!r} logs to MLflow parent run {run_id}, which is not in "
                    f"{tracking.mask_password(uri)}.{was} Set MLFLOW_TRACKING_URI back to the store the sweep started "
-                   "in, or start a new study with --study NAME.")
+                   f"in{fresh}.")
 
 
 def parent_run(study: optuna.Study, sweep: Sweep, uri: str, storage: str) -> str:
