@@ -281,14 +281,7 @@ def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None
     exp = [f"experiment={spec.experiment}"] if spec.experiment else []
     sweep = Sweep(spec, path, space, merge_overrides(exp, spec.overrides, list(extra_overrides)), list(extra_overrides),
                   typed=typed)
-    searched = [o for o in extra_overrides if override_key(o) in space] if check else []
-    if searched:  # typed on the command line, the trial's sampled value would replace it without a word
-        key = override_key(searched[0])
-        raise LabError(f"{searched[0]} sets {key}, which this sweep searches (params.{key}): every trial would "
-                       f"replace it with its own value. Remove it, or remove params.{key} from {path} to fix it.")
     sweep.notes += seed_notes(spec)
-    if check:
-        check_paths(sweep)
     for i, values in enumerate(spec.enqueue):
         for name, value in values.items():
             if name not in space:
@@ -300,6 +293,8 @@ def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None
         sweep.notes.append(f"n_trials={spec.n_trials} is more than the grid's {grid_size} combinations: "
                            f"running each combination once ({grid_size} trials).")
         spec.n_trials = grid_size
+    if check:
+        check_trials(sweep)
     return sweep
 
 
@@ -367,6 +362,18 @@ def seed_notes(spec: SweepSpec) -> list[str]:
     return [f"pruner wilcoxon will never stop a trial: after {last} of seeds={spec.seeds} the smallest p-value "
             f"is 2**-{last} = {2.0 ** -last:.3g}, not below p_threshold={p:g} (n_startup_steps={startup}); "
             + (f"use seeds: {need} or more, or a larger p_threshold." if need else "p_threshold=0 never prunes.")]
+
+
+def check_trials(sweep: Sweep) -> None:
+    """What every trial would trip on: a searched parameter also typed on the command line, then each parameter
+    composed and checked as `lab train` checks it (check_paths: Lightning's imports, ~3 s). `lab sweep` calls it
+    after its own options are checked, so that a mistyped option is said without that wait."""
+    searched = [o for o in sweep.cli_overrides if override_key(o) in sweep.space]
+    if searched:  # typed on the command line, the trial's sampled value would replace it without a word
+        key = override_key(searched[0])
+        raise LabError(f"{searched[0]} sets {key}, which this sweep searches (params.{key}): every trial would "
+                       f"replace it with its own value. Remove it, or remove params.{key} from {sweep.path} to fix it.")
+    check_paths(sweep)
 
 
 def check_paths(sweep: Sweep) -> None:
