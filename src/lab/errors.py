@@ -42,11 +42,15 @@ def user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def must_be_set(key: str) -> LabError:
+    return LabError(f"{key} must be set (it is ??? in its config): give it on the command line, {key}=VALUE.")
+
+
 def config_sentence(err: OmegaConfBaseException) -> LabError:
     """OmegaConf's message without its `full_key:` / `object_type=` lines, which mean nothing to a user."""
     key = getattr(err, "full_key", None)
     if isinstance(err, MissingMandatoryValue) and key:
-        return LabError(f"{key} must be set (it is ??? in its config): give it on the command line, {key}=VALUE.")
+        return must_be_set(key)
     lines = [line for line in str(err).splitlines() if line.strip() and not line.startswith((" ", "\t"))]
     first = lines[0] if lines else type(err).__name__
     return LabError(first + (f" (at {key})" if key and str(key) not in first else ""))

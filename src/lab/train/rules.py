@@ -5,7 +5,7 @@ import math
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lab.errors import LabError
+from lab.errors import LabError, must_be_set
 
 
 def number(v) -> bool:
@@ -51,11 +51,15 @@ def check_leaf(key: str, value) -> None:
 
 
 def check(cfg: DictConfig) -> None:
-    """RULES over a composed config; a key that is missing (???) or does not resolve is left to check_config."""
+    """Every ??? given a value, then RULES over a composed config (a key that does not resolve is left to
+    check_config)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise must_be_set(missing[0])
     for key in RULES:
         try:
             value = OmegaConf.select(cfg, key, throw_on_missing=True, default=RULES)
-        except Exception:  # noqa: BLE001 - ??? or a broken interpolation: check_config says which
+        except Exception:  # noqa: BLE001 - a broken interpolation: check_config says which
             continue
         if value is not RULES:
             check_leaf(key, value)
