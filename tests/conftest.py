@@ -1,9 +1,14 @@
 """Shared fixtures: a throwaway MLflow DB, generated idx files and image folders, small-data overrides."""
-import glob
+import os
+
+# Before torch loads here or in any `lab` process a test starts: OpenMP threads that wait for work sleep instead
+# of spinning. With two test processes on 2 cores, spinning threads burnt the CPU the other process needed.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import glob  # noqa: E402
 import gzip
 import importlib
 import json
-import os
 import shutil
 import signal
 import socket
