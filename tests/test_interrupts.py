@@ -45,7 +45,7 @@ def test_a_signal_outside_a_store_call_is_raised_at_once(handlers):
 
 def test_a_signal_inside_an_mlflow_write_waits_for_it_and_the_run_can_still_be_ended(handlers, signal_in_sql, tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    run_id = client.create_run(client.create_experiment("lab")).info.run_id
+    run_id = client.create_run(client.create_experiment("lab", artifact_location=str(tmp_path))).info.run_id
     signal_in_sql()
     returned = False
     with pytest.raises(Interrupted, match="SIGINT"):
