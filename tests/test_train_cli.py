@@ -93,6 +93,7 @@ def test_bad_input_is_one_short_message(cli, name):
     assert BAD[name][1] in err, err[-3000:]
     assert len(err.strip().splitlines()) <= 10, err[-3000:]
     assert not (cwd / "mlflow.db").exists()  # rejected before any run was created
+    assert not (cwd / "outputs").exists()  # nor an outputs/<date>/<time> folder holding the refused config
 
 
 @pytest.mark.parametrize("name", MODEL_ERRORS)
@@ -166,6 +167,7 @@ def test_first_contact_mistake_is_one_line_exit_2_and_no_run(first_contact, name
     for text in FIRST_CONTACT[name][1]:
         assert text in lines[0]
     assert mlflow_runs(cwd) == []  # checked before the MLflow run is created, not logged as FAILED
+    assert not (cwd / "outputs").exists()
 
 
 def test_readme_image_folder_command_expands_tilde(first_contact):

@@ -4,12 +4,14 @@
 into one-paragraph `lab: error:` messages and exit status 2 here. The other commands are argparse
 (lab/arguments.py). usage() is what `lab`, `lab -h` and `lab --help` print.
 """
+import contextlib
 import importlib
 import logging
 import os
 import re
 import sys
 import warnings
+from pathlib import Path
 
 from lab import arguments, interrupts
 from lab.errors import (
@@ -129,6 +131,25 @@ def train_command(argv: list[str]) -> None:
 
     started = {}  # client and run_id once job.run has created the run
 
+    def refuse(err: BaseException) -> None:
+        """Refused before its MLflow run exists: the outputs/<date>/<time> folder Hydra made holds only Hydra's
+        copy of the refused config and its log (libraries' start-up lines), so it goes. Its files only, and
+        the log only from a folder that is not the working one (hydra.run.dir=. appends to one log)."""
+        if "run_id" not in started:
+            run_dir = Path(HydraConfig.get().runtime.output_dir)
+            here = Path.cwd().resolve()
+            ours = [f for f in (run_dir / ".hydra", run_dir, run_dir.parent, run_dir.parent.parent)  # outputs/<date>
+                    if f.resolve() != here and f.resolve() not in here.parents]
+            for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+                (run_dir / ".hydra" / name).unlink(missing_ok=True)
+            log = run_dir / f"{HydraConfig.get().job.name}.log"
+            if log.is_file() and (run_dir in ours or log.stat().st_size == 0):
+                log.unlink()
+            for folder in ours:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
+        fail(err)
+
     @hydra.main(config_path=str(config.conf_dir()), config_name="train", version_base="1.3")
     def main(cfg) -> None:
         from lab.train import rules
@@ -136,7 +157,7 @@ def train_command(argv: list[str]) -> None:
         try:
             rules.check(cfg)  # a bad number is said in 0.3 s, not after seconds of imports
         except LabError as err:
-            fail(err)
+            refuse(err)
         from lab.train import job, tracking  # Lightning, MLflow: seconds, not for --help or a composing mistake
 
         try:
@@ -152,7 +173,7 @@ def train_command(argv: list[str]) -> None:
         except Exception as err:  # noqa: BLE001 - only user errors are shortened; the rest re-raise
             if user_error(err) is None:
                 raise
-            fail(user_error(err))
+            refuse(user_error(err))
         uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
         print(tracking.summary(started["client"], uri, started["run_id"]), flush=True)
 
