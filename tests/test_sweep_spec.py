@@ -295,6 +295,10 @@ def test_a_resume_with_the_same_overrides_in_another_order_or_notation_resumes(t
     (BASE + "  model.optimizer.lr: {type: float, low: 0.001, hgih: 0.1}\n",
      "hgih is not a param's setting (in params.model.optimizer.lr). Did you mean high?"),
     ("", "sets no study: a sweep file names its study (study: NAME)"),
+    ("- a\n- b\n", "is not a sweep file: it holds a list, and a sweep file is a mapping"),
+    (BASE.replace("n_trials: 4", "n_trials: abc") + "  model.optimizer.lr: {type: float, low: 0.001, high: 0.1}\n",
+     "n_trials is not valid: Value 'abc' of type 'str' could not be converted to Integer."),
+    (BASE + "  model.optimizer.lr: 0.1\n", "params.model.optimizer.lr must be a mapping such as {type: float"),
 ])
 def test_a_mistyped_or_empty_sweep_file_is_one_sentence_that_says_what_was_meant(tmp_path, text, said):
     path = tmp_path / "s.yaml"

@@ -12,8 +12,8 @@ from typing import Any
 import optuna
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from lab import config
 from lab.errors import LabError, close_matches
@@ -243,6 +243,9 @@ def file_error(path: Path, raw, err: OmegaConfBaseException) -> LabError:
     if key == "study" and "study" not in (raw or {}):
         return LabError(f"{path} sets no study: a sweep file names its study (study: NAME) and the params to search, "
                         "e.g. sweeps/quickstart.yaml.")
+    if not isinstance(raw, DictConfig):
+        return LabError(f"{path} is not a sweep file: it holds a {type(raw).__name__.removesuffix('Config').lower()}, "
+                        "and a sweep file is a mapping (study: NAME, params: {...}), e.g. sweeps/quickstart.yaml.")
     if isinstance(err, ConfigKeyError):
         leaf = key.rsplit(".", 1)[-1]
         in_param = key.startswith("params.")
@@ -251,6 +254,11 @@ def file_error(path: Path, raw, err: OmegaConfBaseException) -> LabError:
         where = f"a param's setting (in {key.rsplit('.', 1)[0]})" if in_param else "a key of a sweep file"
         hint = f" Did you mean {close[0]}?" if close else ""
         return LabError(f"{path}: {leaf} is not {where}.{hint} Valid: {', '.join(valid)}.")
+    if key.startswith("params.") and "ParamSpec" in str(err):
+        return LabError(f"{path}: {key} must be a mapping such as {{type: float, low: 1.0e-4, high: 1.0e-1, log: "
+                        "true} or {type: categorical, choices: [16, 32]}, not a single value.")
+    if isinstance(err, ValidationError) and key:
+        return LabError(f"{path}: {key} is not valid: {str(err).splitlines()[0]}.")
     return LabError(f"{path}: invalid sweep file at {key!r}: {str(err).splitlines()[0]}. Valid keys: "
                     f"{', '.join(fields)}; each param takes {', '.join(sorted(ParamSpec.__dataclass_fields__))}.")
 
