@@ -1,7 +1,9 @@
-"""The one LightningDataModule behind every dataset: uint8 images held as tensors, batched by index.
+"""The one LightningDataModule behind every dataset: uint8 images in one store, splits as rows of it.
 
 A dataset subclass only implements `load()`; everything after (channel conversion, resize, split,
-normalization, augmentation, device placement) happens here once, on whole tensors.
+normalization, augmentation, device placement) happens here once. Memory: the store is held once (for an
+image folder it is a file mapped read-only, shared by every process on the machine through the page cache);
+a split is an index into it, and batches are gathered from it. Nothing here makes a float copy of the data.
 """
 from dataclasses import dataclass
 
@@ -9,15 +11,57 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from lab.data import placing
 from lab.data.augment import Augment
+from lab.data.batches import IndexBatches, StreamedBatches
 from lab.errors import LabError
+
+STATS_IMAGES = 20_000  # normalisation statistics from at most this many training images (random: the split is)
+CHUNK_BYTES = 8 << 20  # uint8 bytes converted to float at once: ~32 MB of float32 whatever the image size
 
 
 @dataclass
 class Images:
+    """What a dataset loads: every image of one part (train, or a fixed test set)."""
     x: torch.Tensor  # (N, C, H, W) uint8
     y: torch.Tensor  # (N,) int64
-    paths: list[str] | None = None  # each image's source file (image folders), kept through the split
+    paths: list[str] | None = None  # each image's source file (image folders)
+
+
+@dataclass
+class Split:
+    """Rows `index` of `store`: train, val and test carved from one load share its store, nothing is copied."""
+    store: torch.Tensor  # (M, C, H, W) uint8
+    index: torch.Tensor  # (N,) int64 rows of store
+    y: torch.Tensor  # (N,) int64
+    paths: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.store[self.index[i]]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.store.shape[1:])
+
+    def rows(self, which) -> torch.Tensor:
+        """uint8 (n, C, H, W) copy of the split's images `which` (a slice or an index tensor)."""
+        return self.store.index_select(0, self.index[which])
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The whole split as one uint8 tensor, a copy: for the test split's views and for tests, never the
+        training loop."""
+        return self.rows(slice(None))
+
+    def chunks(self, limit: int | None = None):
+        """The split's images in row order, a bounded number of bytes at a time."""
+        n = len(self) if limit is None else min(limit, len(self))
+        step = max(1, CHUNK_BYTES // max(1, self.store[0].numel()))
+        for start in range(0, n, step):
+            yield self.rows(slice(start, min(n, start + step)))
 
 
 @dataclass
@@ -27,38 +71,26 @@ class Loaded:
     class_names: list[str]
 
 
-class IndexBatches:
-    """Yields (x, y) slices of tensors; shuffling draws one permutation per epoch on the tensors' device."""
-
-    def __init__(self, images: Images, batch_size: int, shuffle: bool):
-        self.images, self.batch_size, self.shuffle = images, batch_size, shuffle
-
-    def __len__(self) -> int:
-        return -(-len(self.images.y) // self.batch_size)
-
-    def __iter__(self):
-        n = len(self.images.y)
-        order = torch.randperm(n, device=self.images.y.device) if self.shuffle else None
-        for start in range(0, n, self.batch_size):
-            if order is None:
-                yield self.images.x[start : start + self.batch_size], self.images.y[start : start + self.batch_size]
-            else:
-                idx = order[start : start + self.batch_size]
-                yield self.images.x[idx], self.images.y[idx]
+def _chunked(x: torch.Tensor, shape: tuple[int, ...], convert) -> torch.Tensor:
+    """convert() applied to bounded slices of x, written into one preallocated uint8 output: the input and
+    the output are the only full copies alive."""
+    out = torch.empty((len(x), *shape), dtype=torch.uint8)
+    step = max(1, CHUNK_BYTES // max(1, x[0].numel()))
+    for start in range(0, len(x), step):
+        out[start : start + step] = convert(x[start : start + step])
+    return out
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), antialiased; done in chunks to bound memory."""
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), antialiased."""
     if x.shape[-2:] == (size, size):
         return x
-    out = [
-        F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        .round_()
-        .clamp_(0, 255)
-        .to(torch.uint8)
-        for chunk in x.split(4096)
-    ]
-    return torch.cat(out)
+
+    def one(chunk):
+        chunk = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return chunk.round_().clamp_(0, 255).to(torch.uint8)
+
+    return _chunked(x, (x.shape[1], size, size), one)
 
 
 def to_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
@@ -66,10 +98,25 @@ def to_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
         return x
     if channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma, as PIL's convert("L")
         weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        return (x.float() * weights).sum(1, keepdim=True).round_().to(torch.uint8)
+        return _chunked(x, (1, *x.shape[2:]),
+                        lambda c: (c.float() * weights).sum(1, keepdim=True).round_().to(torch.uint8))
     if channels == 3 and x.shape[1] == 1:
         return x.expand(-1, 3, -1, -1).contiguous()
     raise LabError(f"data.channels={channels} is not valid: use 1 (grayscale), 3 (RGB) or null (as stored).")
+
+
+def channel_stats(split: Split, limit: int = STATS_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (unbiased) std of pixel values in 0..1, summed in float64 chunk by chunk."""
+    channels = split.store.shape[1]
+    total, squares, count = torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64), 0
+    for chunk in split.chunks(limit):
+        f = chunk.float().div_(255)
+        total += f.sum(dim=(0, 2, 3), dtype=torch.float64)
+        squares += f.square_().sum(dim=(0, 2, 3), dtype=torch.float64)
+        count += f.numel() // channels
+    mean = total / count
+    var = (squares - count * mean.square()) / max(1, count - 1)
+    return mean.float(), var.clamp_min(0).sqrt().float()
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -90,6 +137,8 @@ class TensorDataModule(pl.LightningDataModule):
         normalize: bool = True,
         augment: dict | None = None,
         num_classes: int | None = None,
+        placement: str = "auto",
+        resident_max_gb: float | None = None,
     ):
         super().__init__()
         if int(batch_size) < 1:
@@ -104,9 +153,12 @@ class TensorDataModule(pl.LightningDataModule):
         self.normalize = normalize
         self.augment = Augment(**(augment or {}))
         self.expected_classes = num_classes
-        self.splits: dict[str, Images] = {}
+        self.placement_mode = placing.check_mode(placement)
+        self.resident_max_gb = placing.check_budget(resident_max_gb)
+        self.splits: dict[str, Split] = {}
         self.class_names: list[str] = []
-        self._placed: dict[str, Images] = {}
+        self.placement: placing.Decision | None = None
+        self._placed: dict[int, torch.Tensor] = {}  # id(store) -> the store on the training device
 
     # -- what a dataset subclass provides -------------------------------------------------------
     def load(self) -> Loaded:
@@ -115,6 +167,11 @@ class TensorDataModule(pl.LightningDataModule):
     def check_source(self) -> None:
         """Raise a LabError if the data is not where the config says, without loading it: what `lab sweep` asks
         before its first trial, so that a wrong data.root is one sentence, not max_failures failed trials."""
+
+    def content_id(self) -> str | None:
+        """A string that changes whenever the loaded pixels would (an image folder's cache key), so that the
+        run's dataset digest need not hash every pixel; None: hash the pixels."""
+        return None
 
     @property
     def name(self) -> str:
@@ -127,7 +184,27 @@ class TensorDataModule(pl.LightningDataModule):
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.splits["train"].x.shape[1:])
+        return tuple(self.splits["train"].store.shape[1:])
+
+    @property
+    def stores(self) -> list[torch.Tensor]:
+        """The distinct uint8 stores behind the splits (one, or two with a fixed test set)."""
+        return list({id(s.store): s.store for s in self.splits.values()}.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Decoded bytes of the data: what placing it on a device costs."""
+        return sum(s.numel() for s in self.stores)
+
+    def _prepare(self, part: Images) -> Images:
+        bad = (part.y < 0) | (part.y >= self.num_classes)
+        if bad.any():
+            raise LabError(f"{self.name}: label {int(part.y[bad][0])} is outside 0..{self.num_classes - 1} "
+                           f"({self.num_classes} class names).")
+        part.x = to_channels(part.x, self.channels)
+        if self.image_size is not None:
+            part.x = resize(part.x, int(self.image_size))
+        return part
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -144,54 +221,58 @@ class TensorDataModule(pl.LightningDataModule):
                 f"data.num_classes={self.expected_classes} disagrees with the data, which has "
                 f"{self.num_classes} classes {self.class_names}: set data.num_classes={self.num_classes} or null."
             )
-        parts = [loaded.train] + ([loaded.test] if loaded.test is not None else [])
-        for part in parts:
-            bad = (part.y < 0) | (part.y >= self.num_classes)
-            if bad.any():
-                raise LabError(
-                    f"{self.name}: label {int(part.y[bad][0])} is outside 0..{self.num_classes - 1} "
-                    f"({self.num_classes} class names)."
-                )
-            part.x = to_channels(part.x, self.channels)
-            if self.image_size is not None:
-                part.x = resize(part.x, int(self.image_size))
+        train = self._prepare(loaded.train)
+        test = self._prepare(loaded.test) if loaded.test is not None else None
 
         g = torch.Generator().manual_seed(self.split_seed)
-        train = loaded.train
         order = torch.randperm(len(train.y), generator=g)
         n_val = max(1, round(len(order) * self.val_fraction))
-        n_test = 0 if loaded.test is not None else max(1, round(len(order) * self.test_fraction))
-        def pick(idx: torch.Tensor) -> Images:
-            paths = [train.paths[i] for i in idx.tolist()] if train.paths is not None else None
-            return Images(train.x[idx], train.y[idx], paths)
+        n_test = 0 if test is not None else max(1, round(len(order) * self.test_fraction))
+
+        def pick(part: Images, idx: torch.Tensor) -> Split:
+            paths = [part.paths[i] for i in idx.tolist()] if part.paths is not None else None
+            return Split(part.x, idx, part.y[idx], paths)
 
         self.splits = {
-            "val": pick(order[:n_val]),
-            "test": loaded.test if loaded.test is not None else pick(order[n_val : n_val + n_test]),
-            "train": pick(order[n_val + n_test :]),
+            "val": pick(train, order[:n_val]),
+            "test": pick(test, torch.arange(len(test.y))) if test is not None else pick(train, order[n_val : n_val + n_test]),
+            "train": pick(train, order[n_val + n_test :]),
         }
-        n_train = len(self.splits["train"].y)
+        n_train = len(self.splits["train"])
         if self.batch_size > n_train:
             raise LabError(
                 f"data.batch_size={self.batch_size} is larger than the training set ({n_train} images after "
                 f"the validation/test split): choose a batch size between 1 and {n_train}."
             )
-        stats = self.splits["train"].x[:20000].float() / 255
-        self.mean = stats.mean(dim=(0, 2, 3)) if self.normalize else torch.zeros(stats.shape[1])
-        self.std = stats.std(dim=(0, 2, 3)).clamp_min(1e-3) if self.normalize else torch.ones(stats.shape[1])
+        channels = self.shape[0]
+        if self.normalize:
+            self.mean, self.std = channel_stats(self.splits["train"])
+            self.std = self.std.clamp_min(1e-3)
+        else:
+            self.mean, self.std = torch.zeros(channels), torch.ones(channels)
 
-    # -- batches: resident on the training device, augmented and normalized there ------------------
+    # -- batches: gathered from the store on the training device, augmented and normalized there ----------
     def _device(self) -> torch.device:
         trainer = getattr(self, "trainer", None)
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
-    def _loader(self, split: str, shuffle: bool) -> IndexBatches:
+    def decide_placement(self, device: torch.device) -> "placing.Decision":
+        """Resident (the store on the device, batches gathered there) or streamed (batches gathered on the host
+        from the store, one ahead, and copied): from the data's size against the device's measured memory."""
+        if self.placement is None or self.placement.device != str(device):
+            self.placement = placing.decide(self.placement_mode, self.nbytes, device, self.resident_max_gb)
+        return self.placement
+
+    def _loader(self, split: str, shuffle: bool):
         device = self._device()
-        placed = self._placed.get(split)
-        if placed is None or placed.x.device != device:
-            src = self.splits[split]
-            placed = self._placed[split] = Images(src.x.to(device), src.y.to(device))
-        return IndexBatches(placed, self.batch_size, shuffle)
+        src = self.splits[split]
+        if self.decide_placement(device).resident:
+            store = self._placed.get(id(src.store))
+            if store is None or store.device != device:
+                self._placed = {k: v for k, v in self._placed.items() if v.device == device}
+                store = self._placed[id(src.store)] = src.store.to(device)
+            return IndexBatches(store, src.index.to(device), src.y.to(device), self.batch_size, shuffle)
+        return StreamedBatches(src.store, src.index, src.y, self.batch_size, shuffle, pin=device.type == "cuda")
 
     def train_dataloader(self):
         return self._loader("train", shuffle=True)

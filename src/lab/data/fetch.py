@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from urllib.error import HTTPError
 from urllib.request import Request, urlopen
 
+from lab.data import cache
 from lab.errors import LabError
 
 LAYOUTS = """\
@@ -92,8 +93,13 @@ DATASETS = {
 
 
 def add_parser(subparsers) -> None:
-    data = subparsers.add_parser("data", help="download datasets")
-    sub = data.add_subparsers(dest="data_command", metavar="fetch", required=True)
+    data = subparsers.add_parser("data", help="download datasets, list or clear the decoded-folder cache")
+    sub = data.add_subparsers(dest="data_command", metavar="{fetch,cache}", required=True)
+    cached = sub.add_parser("cache", help="list the decoded image folders cached on this machine (--clear removes "
+                                          "them)")
+    cached.add_argument("--dir", default=cache.DEFAULT_DIR, help=f"the cache folder (data.cache_dir; default "
+                                                                 f"{cache.DEFAULT_DIR})")
+    cached.add_argument("--clear", action="store_true", help="remove every entry (running trains keep theirs)")
     fetch = sub.add_parser("fetch", help="download a dataset into ROOT in the layout its datamodule reads",
                            epilog=LAYOUTS, formatter_class=argparse.RawDescriptionHelpFormatter)
     fetch.add_argument("name", choices=list(DATASETS))
@@ -112,6 +118,8 @@ def add_parser(subparsers) -> None:
 
 
 def data_command(args) -> None:
+    if args.data_command == "cache":
+        return cache.command(args)
     spec, root = DATASETS[args.name], Path(args.root).expanduser()
     skip = getattr(args, "skip_checksum", False)
     if isinstance(spec, Archive):
@@ -364,7 +372,7 @@ def reject_unreadable(folder: Path, rejected: Path) -> None:
     # The same decoder the ImageFolder datamodule uses, so what stays is exactly what it can read.
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    from lab.data.folder import decode
+    from lab.data.decode import decode
 
     images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
     note(f"checking {len(images)} images for unreadable files ...")

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lab.data import placing
 from lab.errors import LabError
 from lab.sweep import liveness
 
@@ -44,12 +45,16 @@ def parse_gpus(arg: str | None, visible: int) -> list[int]:
     return sorted(set(ids))
 
 
-def auto_per_gpu(n_params: int, gpu_memory_bytes: int) -> int:
+def auto_per_gpu(n_params: int, gpu_memory_bytes: int, data_bytes: int = 0) -> int:
     """Trials to pack per GPU. A small model leaves the GPU launch-bound (docs/design.md: 8 processes on one H100
     gave 6.8x one process for the 0.4M-parameter CNN), so pack until the rough memory estimate of a trial
-    (weights + grads + two Adam moments, fp32, times 4 for activations and the CUDA context's share)
-    would fill half the card, and never more than 8."""
-    per_trial = max(n_params * 4 * 4 * 4, 1 << 30)  # at least 1 GiB: context + cached data + workspace
+    (weights + grads + two Adam moments, fp32, times 4 for activations and the CUDA context's share, plus its
+    own copy of the dataset on the card) would fill half the card, and never more than 8. Data too large for
+    one slot's share is streamed from the host instead (lab.data.placing), and costs the card nothing."""
+    per_trial = max(n_params * 4 * 4 * 4, 1 << 30)  # at least 1 GiB: context + workspace
+    with_data = per_trial + data_bytes
+    if with_data * placing.RESIDENT_FRACTION ** -1 <= gpu_memory_bytes:
+        per_trial = with_data
     return int(max(1, min(8, (gpu_memory_bytes // 2) // per_trial)))
 
 
@@ -72,7 +77,8 @@ def placement(gpus: list[int], per_gpu: int, cpu_workers: int, cpu_count: int) -
     if gpus:
         n = len(gpus) * per_gpu
         threads = str(max(1, cpu_count // n))
-        return [Slot(f"gpu{g}.{k}", f"cuda:{g}", {"CUDA_VISIBLE_DEVICES": str(g), "LAB_TORCH_THREADS": threads})
+        return [Slot(f"gpu{g}.{k}", f"cuda:{g}", {"CUDA_VISIBLE_DEVICES": str(g), "LAB_TORCH_THREADS": threads,
+                                                        placing.SLOTS_ENV: str(per_gpu)})
                 for g in gpus for k in range(per_gpu)]
     if cpu_workers < 1:
         raise LabError(f"--workers={cpu_workers} is not valid: it must be at least 1.")
