@@ -51,6 +51,11 @@ def add_sweep_commands(sub) -> None:
     sweep.add_argument("--no-live", action="store_true", help="print one line per change instead of a live view")
     sweep.add_argument("--prepare", action="store_true",
                        help="create the study and its MLflow parent run, start no worker (then `lab worker` joins)")
+    sweep.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                       help="local: worker processes on this machine (default); slurm: --workers N SLURM array tasks "
+                       "(settings: conf/launcher/slurm.yaml, the file's launcher: block, launcher.KEY=VALUE)")
+    sweep.add_argument("--detach", action="store_true",
+                       help="with --launcher slurm: submit and return; the last worker closes the sweep")
     sweep.add_argument("overrides", nargs="*", help="Hydra overrides applied to every trial")
 
     worker = sub.add_parser("worker", help="run trials of an existing study until its budget is spent")

@@ -19,6 +19,8 @@ from lab.errors import DISK_FULL, Interrupted, LabError, says_disk_full
 from lab.sweep import budget, live, liveness, outcome, pool, records, spec, worker
 from lab.sweep import stop as stop_rules
 from lab.sweep import study as studies
+from lab.sweep.slurm import follow as slurm
+from lab.sweep.slurm import settings as slurm_settings
 from lab.train import tracking
 from lab.uris import absolute_uri, mask_password
 
@@ -93,9 +95,11 @@ class Failures:
 
 def sweep_command(args) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # this command says what happened in its own words
+    launcher_overrides = slurm_settings.take_overrides(args)  # launcher.KEY=VALUE: not the trials' overrides
     sweep = spec.from_args(args, check=False)  # the file and the options first: a typo is said in ~3 s, not ~6 s
     out_dir, storage = studies.locate(sweep, args.storage, args.out)
-    slots = choose_slots(args, sweep)
+    array = slurm.prepare(args, sweep, launcher_overrides, out_dir, storage) if launcher_overrides is not None else None
+    slots = choose_slots(args, sweep) if array is None else []
     studies.make_sampler(sweep), studies.make_pruner(sweep)  # their options are checked before a file exists
     spec.check_trials(sweep)
     for note in sweep.notes:
@@ -131,13 +135,15 @@ def sweep_command(args) -> None:
               f"--n-trials N with N > {used} runs N - {used} more.")
     print(f"storage: {mask_password(storage)}   (optuna-dashboard {mask_password(storage)})")
     print(f"mlflow:  {mask_password(uri)}  experiment {sweep.mlflow_experiment!r}, parent run {parent}")
-    print(f"workers: {len(slots)} ({', '.join(s.name for s in slots)}); logs in {out_dir / 'workers'}")
 
     worker_args = [str(sweep.path), "--storage", storage, "--out", str(out_dir), "--study", sweep.spec.study,
                    "--n-trials", str(sweep.spec.n_trials), "--max-failures", str(sweep.spec.max_failures),
                    "--max-retries", str(sweep.spec.max_retries), *sweep.base_overrides, "--no-check"]
     if deadline is not None:
         worker_args += ["--deadline", str(deadline)]
+    if array is not None:  # the workers are SLURM array tasks
+        return slurm.launch(args, array, sweep, study, parent, uri, storage, out_dir, worker_args, deadline)
+    print(f"workers: {len(slots)} ({', '.join(s.name for s in slots)}); logs in {out_dir / 'workers'}")
     # Workers inherit this process's environment plus their slot's, and write to the same MLflow store.
     workers = pool.Pool(slots, worker_args, out_dir / "workers", env={"MLFLOW_TRACKING_URI": uri})
     view = live.LiveView(live=False if args.no_live else None)

@@ -73,6 +73,7 @@ class SweepSpec:
     # Several objectives replace metric/direction (which then name the first): the study keeps a Pareto front.
     objectives: list[ObjectiveSpec] = field(default_factory=list)
     constraints: dict[str, BoundSpec] = field(default_factory=dict)  # metric -> {min, max}
+    launcher: dict[str, Any] = field(default_factory=dict)  # --launcher slurm's settings (sweep/slurm/settings.py)
 
 
 def encode_choice(value: Any) -> Any:

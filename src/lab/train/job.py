@@ -20,6 +20,7 @@ from mlflow.entities import Metric
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.plugins.environments import LightningEnvironment
 
 from lab.data.folder import ImageFolder
 from lab.errors import LabError, unknown_key
@@ -49,6 +50,10 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     if kwargs.get("precision") == "auto":
         # bf16 autocast on GPUs that have it (tensor cores, half the memory traffic); full fp32 on CPUs.
         kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    # One process per run: inside a SLURM job (a `lab sweep --launcher slurm` task, an sbatch script) Lightning
+    # would otherwise take the job's rank variables for its own and install its SIGUSR1 requeue handler, and on
+    # any host with SLURM installed it hints about srun on every run.
+    kwargs.setdefault("plugins", [LightningEnvironment()])
     return kwargs
 
 
