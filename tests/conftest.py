@@ -368,25 +368,52 @@ def reported(swept) -> Reported:
                     {"optimization_history", "param_importances", "parallel_coordinate", "slice"})
 
 
+class PostgresServer:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's postgresql package; .ci/run installs it) that a test
+    may stop (`pg_ctl -m fast stop`, as an administrator's restart does) and start again on the same port."""
+
+    def __init__(self):
+        self.bin_dir = os.path.dirname(PG_BIN[-1])
+        self.data = tempfile.mkdtemp(prefix="lab-pg-", dir="/tmp")
+        self.as_user = []
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            shutil.chown(self.data, "postgres", "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.port = _free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/lab"
+        self.pg("initdb", "-D", f"{self.data}/db", "-A", "trust", "-U", "postgres")
+        self.start()
+        self.pg("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "lab")
+
+    def pg(self, tool: str, *args: str) -> None:
+        subprocess.run([*self.as_user, f"{self.bin_dir}/{tool}", *args], check=True, capture_output=True, text=True)
+
+    def start(self) -> None:
+        self.pg("pg_ctl", "-D", f"{self.data}/db", "-w", "-l", f"{self.data}/log",
+                "-o", f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self.pg("pg_ctl", "-D", f"{self.data}/db", "-w", "-m", mode, "stop")
+
+    def remove(self) -> None:
+        subprocess.run([*self.as_user, f"{self.bin_dir}/pg_ctl", "-D", f"{self.data}/db", "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
 @pytest.fixture
-def postgres():
-    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's postgresql package; .ci/run installs it)."""
+def postgres_server():
+    """A PostgresServer (url, stop(), start()), removed at teardown."""
     if not PG_BIN:
         pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
-    bin_dir = os.path.dirname(PG_BIN[-1])
-    data = tempfile.mkdtemp(prefix="lab-pg-", dir="/tmp")
-    as_user = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        shutil.chown(data, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
-    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
-    run(f"{bin_dir}/initdb", "-D", f"{data}/db", "-A", "trust", "-U", "postgres")
-    run(f"{bin_dir}/pg_ctl", "-D", f"{data}/db", "-w", "-l", f"{data}/log",
-        "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start")
+    server = PostgresServer()
     try:
-        run(f"{bin_dir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "lab")
-        yield f"postgresql://postgres@127.0.0.1:{port}/lab"
+        yield server
     finally:
-        run(f"{bin_dir}/pg_ctl", "-D", f"{data}/db", "-m", "immediate", "stop")
-        shutil.rmtree(data, ignore_errors=True)
+        server.remove()
+
+
+@pytest.fixture
+def postgres(postgres_server):
+    """The URL of a throwaway PostgreSQL database on 127.0.0.1."""
+    return postgres_server.url

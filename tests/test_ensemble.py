@@ -83,7 +83,7 @@ def test_copies_of_one_trial_equal_that_trial(inside, capsys):
     assert logged.data.metrics["test/acc"] == single["test/acc"]
     assert logged.data.metrics["test/f1_macro"] == pytest.approx(single["test/f1_macro"], abs=1e-6)
     assert logged.data.tags["ensemble.run_ids"] == ",".join([run_id] * 3)
-    assert f"best single model (trial {best.number}): test/acc {single['test/acc']:.4f}" in out
+    assert f"best by val/acc (trial {best.number}): test/acc {single['test/acc']:.4f}" in out
 
 
 def test_top_k_is_logged_with_its_members_under_the_sweep_run(inside, capsys):
@@ -100,7 +100,7 @@ def test_top_k_is_logged_with_its_members_under_the_sweep_run(inside, capsys):
     assert any(k.startswith("test/f1/") for k in run.data.metrics)
     artifacts = {a.path for a in inside.client.list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.csv", "confusion_matrix.png", "classification_report.json", "members.json"} <= artifacts
-    assert "ensemble of 3 (" in out and "best single model" in out
+    assert "ensemble of 3 (" in out and "best by val/acc (trial " in out and "best single model" not in out
 
 
 def test_bad_members_are_refused(inside, capsys):

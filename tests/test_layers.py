@@ -18,6 +18,7 @@ FORBIDDEN = {
     # The options of every command: read before anything heavy loads (test_cli checks no torch, no MLflow).
     "arguments.py": ("lab.train", "lab.sweep", "lab.analysis", "lab.cli", "lab.server"),
     "config.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
+    "settings.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
     "errors.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
     "uris.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
     "figures.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),

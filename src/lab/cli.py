@@ -122,12 +122,27 @@ def with_overrides(argv: list[str], extra: list[str]) -> list[str]:
     return [*argv[:first], *extra, *argv[first:]]
 
 
+def prepare() -> None:
+    """Before a command creates anything: every LAB_* variable checked, and the working folder (and that of a
+    user conf/) importable, for a `_target_` in the user's own files."""
+    from lab import config, settings
+
+    settings.check()
+    config.make_importable()
+
+
 def train_command(argv: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
     from lab import config
     from lab.train import compose_errors
+
+    try:
+        prepare()
+        config.check_groups(expand_home(argv))  # optimizer=null: Hydra's answer is a ValueError traceback
+    except LabError as err:
+        fail(err)
 
     started = {}  # client and run_id once job.run has created the run
 
@@ -233,6 +248,7 @@ def run_command(argv: list[str]) -> None:
         args.overrides = expand_home(args.overrides)
     module, function = COMMAND_FUNCTIONS[args.command]
     try:
+        prepare()
         command = getattr(importlib.import_module(module), function)  # only now: torch, Lightning, MLflow load
         command(args)
     except (Interrupted, KeyboardInterrupt) as stop:  # outside a sweep's orderly stop: at start, while plotting

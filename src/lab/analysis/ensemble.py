@@ -171,7 +171,9 @@ def command(args) -> None:
     gain = scalars["test/acc"] - alone["test/acc"]
     print(f"ensemble of {len(members)} ({len(best.labels)} test images, scored in {scored:.1f} s): test/acc {scalars['test/acc']:.4f}, "
           f"test/f1_macro {scalars['test/f1_macro']:.4f}")
-    print(f"best single model (trial {best.trial}): test/acc {alone['test/acc']:.4f}, "
+    # "best by <metric>", not "best single model": another member may score as well on the test set.
+    metric = study.user_attrs.get("lab.metric") or "the sweep's metric"
+    print(f"best by {metric} (trial {best.trial}): test/acc {alone['test/acc']:.4f}, "
           f"test/f1_macro {alone['test/f1_macro']:.4f}; the ensemble is {gain:+.4f} "
           f"{'better' if gain > 0 else 'worse' if gain < 0 else 'the same'}")
     print(f"logged: run {run_id} ({name}) under the sweep's run {parent}")

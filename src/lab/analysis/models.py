@@ -70,6 +70,8 @@ def from_uri(uri: str, name: str, run_id: str | None = None) -> Model:
     try:
         info = mlflow.models.get_model_info(uri)
         net = mlflow.pytorch.load_model(uri, map_location=device())
+    except ModuleNotFoundError as err:  # the net's own code, a file of the folder it was trained in
+        raise missing_module(name, err) from err
     # The last three: a pickled model naming a lab class or function this version of lab no longer has.
     except (MlflowException, OSError, AttributeError, ImportError, pickle.UnpicklingError) as err:
         raise LabError(f"MODEL {name} cannot be loaded from MLflow ({str(err).splitlines()[0]}): give {VALID}.") from err
@@ -80,13 +82,32 @@ def from_uri(uri: str, name: str, run_id: str | None = None) -> Model:
     return Model(net.eval(), meta, run_id or info.run_id, uri)
 
 
+def module_not_found(err: BaseException) -> ModuleNotFoundError | None:
+    """The ModuleNotFoundError behind err (Hydra's instantiate wraps it twice)."""
+    while err is not None and not isinstance(err, ModuleNotFoundError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def missing_module(name: str, err: ModuleNotFoundError) -> LabError:
+    module = err.name or str(err)
+    return LabError(f"MODEL {name} needs the module {module!r} (its net's code) and there is none here: run this "
+                    f"command in the folder that holds {module.split('.')[0]}.py or {module.split('.')[0]}/ (the one it "
+                    "was trained in), or add that folder to PYTHONPATH.")
+
+
 def checkpointed(mlflow_client: MlflowClient, run_id: str, name: str):
     """(Classifier with the run's tested weights, its set-up datamodule), from its config.yaml and checkpoint."""
     from lab.train import exported  # Lightning's imports (~7 s) only when something is built
 
     try:
         return exported.rebuild(mlflow_client, run_id, results.mlflow_uri())
-    except LabError as err:
+    except Exception as err:
+        missing = module_not_found(err)
+        if missing is not None:  # its _target_ names a module of the folder it was trained in
+            raise missing_module(name, missing) from err
+        if not isinstance(err, LabError):
+            raise
         raise LabError(f"MODEL {name}: {err}; train it again (its tag lab.command says how), or give "
                        f"{VALID}.") from err
 

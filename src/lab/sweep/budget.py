@@ -9,8 +9,10 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from lab import settings
 from lab.errors import LabError
 from lab.locks import file_lock
+from lab.sweep import patience
 from lab.sweep.spec import Sweep
 from lab.sweep.study import LAUNCH_ATTR, GridSampler
 from lab.uris import is_rdb, mask_password
@@ -128,7 +130,9 @@ def stale_trials(study: optuna.Study, storage: str) -> list[tuple[optuna.trial.F
              if t.user_attrs.get("host") == host and "pid" in t.user_attrs and not pid_alive(int(t.user_attrs["pid"]))}
     stale.update({t.number: "its worker died before it started (no owner recorded)" for t in running
                   if "pid" not in t.user_attrs})
-    if is_rdb(storage):
+    timing = settings.rdb_timing()
+    # Not just after the database itself was away: every trial's heartbeats were lost to it, not to its worker.
+    if is_rdb(storage) and not patience.outage.recent(timing["grace_period"] + timing["heartbeat_interval"]):
         # The heartbeat API's own query (what optuna.storages.fail_stale_trials uses), called here so that each
         # trial is failed with its reason and queued again while it is still RUNNING.
         ids = set(study._storage._get_stale_trial_ids(study._study_id))  # noqa: SLF001
@@ -183,9 +187,24 @@ def budget_lock(storage: str, study_name: str):
     else:
         raise LabError(f"storage {mask_password(storage)}: lab shares studies across hosts on PostgreSQL or "
                        "MySQL; use a journal file or sqlite:/// on one host.")
-    with engine.connect() as conn:
-        conn.execute(sqlalchemy.text(lock), {"key": key})
+
+    def locked():
+        conn = engine.connect()
         try:
-            yield
-        finally:
+            conn.execute(sqlalchemy.text(lock), {"key": key})
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    conn = patience.call(locked, mask_password(storage))  # a database restart is waited out (patience.py)
+    try:
+        yield
+    finally:
+        try:
             conn.execute(sqlalchemy.text(unlock), {"key": key})
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            if patience.unreachable(err) is None:
+                raise  # else the lock ended with its connection, when the server went away
+        finally:
+            conn.close()

@@ -14,9 +14,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from lab import config, interrupts
+from lab import config, interrupts, settings
 from lab.errors import DISK_FULL, Interrupted, LabError, says_disk_full
-from lab.sweep import budget, live, liveness, outcome, pool, records, spec, worker
+from lab.sweep import budget, live, liveness, outcome, pool, reachability, records, spec, worker
 from lab.sweep import stop as stop_rules
 from lab.sweep import study as studies
 from lab.sweep.slurm import follow as slurm
@@ -146,7 +146,7 @@ def sweep_command(args) -> None:
     print(f"workers: {len(slots)} ({', '.join(s.name for s in slots)}); logs in {out_dir / 'workers'}")
     # Workers inherit this process's environment plus their slot's, and write to the same MLflow store.
     workers = pool.Pool(slots, worker_args, out_dir / "workers", env={"MLFLOW_TRACKING_URI": uri})
-    view = live.LiveView(live=False if args.no_live else None)
+    view = live.LiveView(live=False if args.no_live else None, notes=reachability.TrackingWatch(uri).notes)
     failures = Failures(study)
     interrupted = None
     interrupts.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))  # SIGHUP: the terminal was closed
@@ -251,7 +251,7 @@ def worker_command(args) -> None:
     worker.follow_parent()
     liveness.start()
     # The pool gives each worker its share of the cores; a worker started by hand uses torch's default.
-    threads = int(os.environ.get("LAB_TORCH_THREADS") or 0)
+    threads = settings.get("LAB_TORCH_THREADS")
     given = {key for key in studies.BUDGET_KEYS if getattr(args, key, None) is not None}
     try:
         ran = worker.work(sweep, storage, out_dir, args.worker_id or f"worker-{os.getpid()}", deadline, threads,

@@ -44,25 +44,32 @@ def lines(sweep: Sweep, study: optuna.Study, pool: Pool, started: float) -> list
     return out
 
 
+SAID = ("best", "stopping", "tracking server")  # the lines a log gets besides the counts, each time they change
+
+
 class LiveView:
-    def __init__(self, stream=sys.stdout, live: bool | None = None):
+    """notes(): lines shown below the rest while they last (reachability.TrackingWatch.notes)."""
+
+    def __init__(self, stream=sys.stdout, live: bool | None = None, notes=list):
         self.stream = stream
         self.live = stream.isatty() if live is None else live
+        self.notes = notes
         self.shown = 0
         self.last: list[str] = []
 
     def show(self, text: list[str]) -> None:
+        text = [*text, *self.notes()]
         if self.live:
             up = f"\x1b[{self.shown}F\x1b[J" if self.shown else ""
             self.stream.write(up + "\n".join(text) + "\n")
             self.shown = len(text)
         elif self.changed(text):
-            said = [line for line in text[1:] if line.startswith(("best", "stopping"))]
+            said = [line for line in text[1:] if line.startswith(SAID)]
             self.stream.write("  ".join([text[0], *said]) + "\n")
         self.stream.flush()
         self.last = text
 
     def changed(self, text: list[str]) -> bool:
         counts = lambda t: t[0].rsplit("  [", 1)[0] if t else ""  # noqa: E731 - the first line less its clock
-        best = lambda t: [line for line in t[1:] if line.startswith(("best", "stopping"))]  # noqa: E731
+        best = lambda t: [line for line in t[1:] if line.startswith(SAID)]  # noqa: E731
         return counts(text) != counts(self.last) or best(text) != best(self.last)

@@ -11,13 +11,15 @@ import threading
 import time
 from pathlib import Path
 
+from lab import settings
+
 ENV = "LAB_BEAT_FILE"  # set by the pool for each worker it starts
 EVERY_S = 2.0
 
 
 def grace_s() -> float:
     """Seconds without a sign of life after which a worker counts as hung (as RDB heartbeats: LAB_GRACE_S)."""
-    return float(os.environ.get("LAB_GRACE_S") or 120)
+    return float(settings.get("LAB_GRACE_S"))
 
 
 class Pulse:

@@ -15,7 +15,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from lab import figures
 from lab.errors import LabError
-from lab.sweep import budget, ranking
+from lab.sweep import budget, patience, ranking
 from lab.sweep import study as studies
 from lab.sweep.spec import Sweep
 from lab.train import tracking
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
 STORE_ATTR = "lab.mlflow_uri"  # study attr: the tracking URI (password masked) its parent run was created in
 PRUNED_SUFFIX = " (pruned)"
+STORAGE_LOST = patience.reason("")[:-1]  # "storage unreachable (": the start of the reason patience.reason() gives
 
 
 def check_store(study: optuna.Study, uri: str, resuming: bool = True) -> None:
@@ -50,7 +51,13 @@ def check_store(study: optuna.Study, uri: str, resuming: bool = True) -> None:
 
 
 def parent_run(study: optuna.Study, sweep: Sweep, uri: str, storage: str) -> str:
-    """The study's parent run id, created on first launch and reopened (RUNNING) on resume."""
+    """The study's parent run id, created on first launch and reopened (RUNNING) on resume. Under the study's
+    budget lock: two launches of one study at once found no parent yet and each created one."""
+    with budget.budget_lock(storage, sweep.spec.study):
+        return _parent_run(study, sweep, uri, storage)
+
+
+def _parent_run(study: optuna.Study, sweep: Sweep, uri: str, storage: str) -> str:
     client = MlflowClient(uri)
     run_id = study.user_attrs.get(PARENT_ATTR)
     if run_id:
@@ -121,8 +128,11 @@ def abandoner(uri: str, max_retries: int):
     max_retries, and end its MLflow run FAILED (nobody else will)."""
 
     def abandon(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
-        again = budget.retry(study, trial, reason, max_retries)
         run_id = trial.user_attrs.get("mlflow_run_id")
+        said = MlflowClient(uri).get_run(run_id).data.tags.get("trial.reason", "") if run_id else ""
+        if said.startswith(STORAGE_LOST):  # its worker stopped because the storage was away (worker.storage_lost)
+            reason = said
+        again = budget.retry(study, trial, reason, max_retries)
         if run_id and MlflowClient(uri).get_run(run_id).info.status == "RUNNING":
             tag_run(uri, trial, "RETRIED" if again else "FAIL", reason)
             MlflowClient(uri).set_terminated(run_id, "FAILED")

@@ -6,27 +6,23 @@ Journal file storage is the default (many processes on one host, no "database is
 """
 import json
 import logging
-import os
 import uuid
 import warnings
 import zlib
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages import JournalStorage, RDBStorage, _CachedStorage
 from optuna.trial import TrialState
 
+from lab import settings
 from lab.errors import LabError
-from lab.sweep import journal, warm
+from lab.sweep import journal, patience, warm
 from lab.sweep.objectives import objectives
 from lab.sweep.spec import Sweep, grid_values, override_key, same_overrides
 from lab.uris import is_rdb, mask_password
 
 log = logging.getLogger(__name__)
-# RDB only: a trial without a heartbeat for grace_s seconds is failed and retried (30 s, 120 s). The
-# environment can shorten them, for tests and for clusters whose schedulers pause jobs; read when a
-# storage is opened, not at import.
-HEARTBEAT_ENV = {"heartbeat_interval": ("LAB_HEARTBEAT_S", 30), "grace_period": ("LAB_GRACE_S", 120)}
 BASE_ATTR = "lab.base_overrides"  # study attr: the overrides every trial starts from, fixed at creation
 UID_ATTR = "lab.uid"  # study attr: tells this study from an earlier one of the same name and storage
 LAUNCH_ATTR = "lab.launch_after"  # study attr: the last trial number before this launch of `lab sweep`
@@ -54,8 +50,14 @@ def open_storage(storage: str, repair: bool = False, create: bool = True):
             raise KeyError(storage)  # opening it would create an empty database
     if is_rdb(storage):
         try:
-            timing = {key: int(os.environ.get(name) or default) for key, (name, default) in HEARTBEAT_ENV.items()}
-            return RDBStorage(storage, **timing)
+            # A trial without a heartbeat for the grace period is failed and retried (LAB_HEARTBEAT_S, LAB_GRACE_S:
+            # 30 s, 120 s; shorter for tests and clusters whose schedulers pause jobs), read when a storage opens.
+            if storage.startswith("sqlite"):
+                return RDBStorage(storage, **settings.rdb_timing())
+            # A database server can restart under a running sweep: every call waits it out (patience.py), on
+            # connections checked before use (a restart leaves the pooled ones dead).
+            rdb = RDBStorage(storage, **settings.rdb_timing(), engine_kwargs={"pool_pre_ping": True})
+            return patience.PatientStorage(_CachedStorage(rdb), storage)
         except Exception as err:  # noqa: BLE001 - unreachable server, bad driver, bad URL
             raise LabError(f"cannot open Optuna storage {mask_password(storage)}: {err}") from err
     path = Path(storage)

@@ -21,12 +21,13 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from lab.errors import Interrupted
-from lab.sweep import budget, liveness, records
+from lab.sweep import budget, liveness, patience, reachability, records
 from lab.sweep import stop as stop_rules
 from lab.sweep import study as studies
 from lab.sweep.pool import PARENT_ENV
 from lab.sweep.spec import Sweep
 from lab.train import tracking
+from lab.train.memory import OutOfMemory
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 2.0  # a worker waiting for the last running trials checks this often
@@ -72,8 +73,14 @@ def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str,
         records.tag_run(uri, trial, "INTERRUPTED", reason)
         records.end_if_running(uri, trial, "KILLED")
         raise
+    except patience.StorageUnreachable as lost:
+        storage_lost(uri, trial, lost)
     except torch.cuda.OutOfMemoryError as err:
         reason = f"out of memory: {str(err).splitlines()[0]}"
+        free_memory()
+    except OutOfMemory as err:  # on the CPU: the sentence says what ran out and what to lower
+        reason = str(err)
+        log.warning("trial %d failed: %s", trial.number, reason)
         free_memory()
     except Exception as err:  # noqa: BLE001 - a failing trial must not end the sweep
         reason = f"{type(err).__name__}: {err}"
@@ -87,18 +94,33 @@ def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str,
         if reason:
             trial.set_user_attr("fail_reason", reason[:2000])
         study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+    except patience.StorageUnreachable as lost:
+        storage_lost(uri, trial, lost)
     except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
         # Another process ended it meanwhile: this worker was taken for dead (stopped, hung, its heartbeat
         # late) and the trial was failed and queued again. Its record stands; this result is dropped.
         frozen = study._storage.get_trial(trial._trial_id)  # noqa: SLF001
         if not frozen.state.is_finished():
             raise
+        if frozen.state == state and (state != TrialState.FAIL or budget.fail_reason(frozen) == reason[:2000]):
+            # This worker's own tell, applied just before the database went away and tried again (patience.py).
+            records.tag_run(uri, trial, state.name, reason)
+            return state.name
         log.warning("trial %d was ended by another process while this worker ran it (%s); its result is dropped",
                     trial.number, budget.fail_reason(frozen))
         records.end_failed(uri, frozen, budget.fail_reason(frozen))
         return "REAPED"
     records.tag_run(uri, trial, state.name, reason)
     return state.name
+
+
+def storage_lost(uri: str, trial: optuna.Trial, lost: "patience.StorageUnreachable") -> None:
+    """The storage stayed away longer than LAB_STORAGE_OUTAGE_S: nothing can be told, so the trial stays RUNNING
+    there. Its MLflow run ends FAILED with the reason, which the worker that reaps the trial later records on it
+    (records.abandoner); the worker stops with the sentence."""
+    records.tag_run(uri, trial, "FAIL", patience.reason(lost.why))
+    records.end_if_running(uri, trial, "FAILED")
+    raise lost
 
 
 class FailureLimit(Exception):
@@ -130,6 +152,7 @@ def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: fl
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     uri = tracking.tracking_uri()
+    reachability.TrackingWatch(uri)  # says in this worker's log when an MLflow server stops answering
     abandon = records.abandoner(uri, sweep.spec.max_retries)
     study = studies.create_or_resume(sweep, storage, worker_id, join=True, given=set(given))
     parent = records.parent_run(study, sweep, uri, storage)

@@ -2,7 +2,7 @@
 names the bad value and what is valid; what `lab train` and `lab sweep` print instead of Hydra's page."""
 import re
 
-from lab.errors import close_matches, unknown_key
+from lab.errors import LabError, close_matches, unknown_key
 
 QUOTE_ADVICE = ("a value with spaces or special characters must reach lab in quotes, e.g. "
                 "\"data.root='my photos/*'\" (the double quotes are for the shell, the single ones for Hydra)")
@@ -21,6 +21,8 @@ def sentence(err: BaseException) -> str | None:
     from omegaconf import DictConfig
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+    if isinstance(err, LabError):  # lab's own check of the overrides (config.check_groups): already its sentence
+        return str(err)
     if isinstance(err, OverrideParseException):
         lines = [line for line in err.message.splitlines() if not line.startswith("Error parsing override")]
         detail = lines[0] if lines else "not an override"

@@ -6,7 +6,6 @@ import importlib
 import inspect
 import logging
 import math
-import os
 import re
 import time
 import types
@@ -22,9 +21,10 @@ from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.plugins.environments import LightningEnvironment
 
+from lab import settings
 from lab.data.folder import ImageFolder
 from lab.errors import LabError, unknown_key
-from lab.train import checkpoints, exported, measure, misclassified, rules, tracking
+from lab.train import checkpoints, exported, measure, memory, misclassified, rules, tracking
 from lab.train.checkpoints import LastCheckpoint
 from lab.train.module import Diverged, call_factory
 
@@ -199,7 +199,7 @@ def check_values(cfg: DictConfig, key: str, values) -> None:
 def set_threads(cfg: DictConfig) -> None:
     """cfg.threads, else $LAB_TORCH_THREADS: sweep workers split the cores instead of oversubscribing them
     and record their count in each trial's overrides; a replay with the same count sums in the same order."""
-    threads = int(cfg.get("threads") or 0) or int(os.environ.get("LAB_TORCH_THREADS") or 0)
+    threads = int(cfg.get("threads") or 0) or settings.get("LAB_TORCH_THREADS")
     if threads > 0:
         torch.set_num_threads(threads)
 
@@ -276,7 +276,8 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
     check_config(cfg)
     set_threads(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule, model = build(cfg)
+    with memory.guard(cfg):  # before a run exists: said, nothing left FAILED
+        datamodule, model = build(cfg)
     out_dir = Path(out_dir)
     last = LastCheckpoint(out_dir / "checkpoints", cfg.checkpoint.last_every_s)  # checks its setting before a run exists
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
@@ -284,7 +285,7 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
     if resume_from:
         resume_from, run_tags["lab.resume"] = checkpoints.resumable(resume_from)
     with tracking.run(uri, cfg.mlflow.experiment, run_name, parent_run_id, run_tags,
-                      name_prefix=run_name_prefix(cfg, datamodule, model)) as (client, run_id):
+                      name_prefix=run_name_prefix(cfg, datamodule, model)) as (client, run_id), memory.guard(cfg):
         if on_run is not None:
             on_run(client, run_id)
         tracking.log_config(client, run_id, cfg)
