@@ -1,6 +1,5 @@
 """Data at real sizes: one store per load (splits are indices), a decoded cache every process maps, bounded
 conversions, and streamed batches that equal resident ones."""
-import json
 import os
 import subprocess
 import sys

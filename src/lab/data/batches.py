@@ -40,7 +40,10 @@ class StreamedBatches(IndexBatches):
         self.pin = pin
 
     def __iter__(self):
-        order = self._order()  # drawn here, in the caller's thread: the same random stream as IndexBatches
+        # Drawn now, in the caller's thread, when iter() is called: the same random stream as IndexBatches.
+        return self._stream(self._order())
+
+    def _stream(self, order: torch.Tensor | None):
         ready: queue.Queue = queue.Queue(PREFETCH)
         stop = threading.Event()
 

@@ -7,6 +7,7 @@ can declare 20000 x 20000 (1.2 GB decoded), and torchvision's decoders have no l
 import logging
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -18,12 +19,16 @@ log = logging.getLogger(__name__)
 MAX_PIXELS = 64_000_000  # 64 MP: above any camera's photo; 192 MB decoded as RGB, per decoding thread
 
 
-def header_pixels(path: str) -> int | None:
-    """Width x height from the file's header (PIL reads no pixel data for this), None if PIL cannot tell."""
+def header_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the file's header (PIL reads no pixel data for this), None if PIL cannot tell."""
     try:
-        with Image.open(path) as img:
-            return img.width * img.height
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # lab's own limit decides, below
+            with Image.open(path) as img:
+                return img.size
+    except Image.DecompressionBombError:  # over twice PIL's limit (179 MP): over any sane data.max_pixels too
+        return (1 << 20, 1 << 20)
+    except (OSError, ValueError, SyntaxError):
         return None
 
 
@@ -35,9 +40,9 @@ def decode(path: str, size: int, channels: int, max_pixels: int = MAX_PIXELS) ->
 
 def decode_or_why(path: str, size: int, channels: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor | str:
     """(C, size, size) uint8, or the reason the file is left out."""
-    pixels = header_pixels(path)
-    if pixels is not None and pixels > max_pixels:
-        return f"{pixels / 1e6:.0f} MP is over data.max_pixels={max_pixels}"
+    dims = header_size(path)
+    if dims is not None and dims[0] * dims[1] > max_pixels:
+        return f"{dims[0]} x {dims[1]} pixels is over data.max_pixels={max_pixels}"
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB  # also flattens RGBA/palette/CMYK
     try:
         img = decode_image(path, mode=mode)
@@ -46,7 +51,7 @@ def decode_or_why(path: str, size: int, channels: int, max_pixels: int = MAX_PIX
     if img is not None and img.dtype == torch.uint16:  # 16-bit PNG
         img = (img.float() / 257).round().to(torch.uint8)
     if img is None or img.shape[0] != channels:
-        if pixels is None:
+        if dims is None:
             return "unreadable"
         # torchvision decodes only JPEG/PNG/WebP/GIF (and WebP ignores GRAY); IMG_EXTENSIONS also admits
         # BMP, TIFF, PPM and PGM, which PIL reads.
