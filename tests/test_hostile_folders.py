@@ -14,6 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from lab.data import decode as decoding
 from lab.data.folder import ImageFolder
 from lab.errors import LabError
 
@@ -166,3 +167,20 @@ def test_sigterm_ends_lab_train_while_it_decodes(tmp_path, start_lab):
         pytest.fail("SIGTERM did not end lab train while it was decoding")
     assert proc.returncode == 130 and "lab: interrupted by SIGTERM" in out and "Traceback" not in out, out[-2000:]
     assert not list(cache.glob("*.tmp")) and not list(cache.glob("*.u8"))  # nothing half-written is kept
+
+
+def test_a_decode_in_a_sweep_worker_must_get_through_files(tmp_path, monkeypatch):
+    """While a folder decodes, a sweep worker's pulse beats only as files get decoded (a read stuck on a dead
+    network share goes quiet and the parent kills the worker, as for a stuck training loop)."""
+    from lab.sweep import liveness, objective  # noqa: F401 - registers the worker's decode listener
+
+    pulse = liveness.Pulse(tmp_path / "w.beat", every_s=60)
+    monkeypatch.setattr(liveness, "current", pulse)
+    seen = []
+    monkeypatch.setattr(decoding, "listeners",
+                        [*decoding.listeners, lambda e: seen.append((e, pulse.training, pulse.progress))])
+    root = two_classes(tmp_path)
+    dm_of(root, tmp_path)
+    assert [e for e, _, _ in seen] == ["start"] + ["image"] * 24 + ["end"]
+    assert all(training for e, training, _ in seen[:-1]) and not seen[-1][1]
+    assert seen[-2][2] > seen[1][2]  # each decoded file counts as progress

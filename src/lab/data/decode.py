@@ -16,6 +16,10 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
 log = logging.getLogger(__name__)
+# Told "start", then "image" per file decoded, then "end": a sweep worker's pulse counts a decode that stops
+# getting through files as hung, as it does a training loop (lab.sweep.objective registers it; data cannot
+# import the sweep layer).
+listeners: list = []
 MAX_PIXELS = 64_000_000  # 64 MP: above any camera's photo; 192 MB decoded as RGB, per decoding thread
 
 
@@ -91,11 +95,17 @@ class Progress:
         return time.monotonic() - self.start
 
 
+def tell(event: str) -> None:
+    for listener in listeners:
+        listener(event)
+
+
 def decode_into(out: torch.Tensor, paths: list[str], size: int, channels: int, threads: int,
                 max_pixels: int = MAX_PIXELS, label: str = "decoding") -> dict[int, str]:
     """Decodes paths[i] into out[i]; returns {i: reason} for the files left out (their rows are untouched)."""
     failed: dict[int, str] = {}
     progress = Progress(len(paths), label)
+    tell("start")
 
     def one(i: int) -> None:
         got = decode_or_why(paths[i], size, channels, max_pixels)
@@ -108,8 +118,10 @@ def decode_into(out: torch.Tensor, paths: list[str], size: int, channels: int, t
     try:
         for _ in pool.map(one, range(len(paths))):
             progress.update()
+            tell("image")
     finally:  # on Ctrl-C/SIGTERM the queued files are dropped, not decoded first
         pool.shutdown(wait=True, cancel_futures=True)
+        tell("end")
     seconds = progress.close()
     log.info("decoded %d images at %d px in %.1f s: %.0f images/s on %d threads", len(paths), size, seconds,
              len(paths) / max(seconds, 1e-9), threads)

@@ -8,6 +8,7 @@ import optuna
 import pytorch_lightning as pl
 
 from lab import config
+from lab.data import decode
 from lab.errors import StopRun
 from lab.sweep import liveness, scores, seeds
 from lab.sweep.budget import RESUME_FROM, RETRY_OF
@@ -57,6 +58,19 @@ class Progress(pl.Callback):
 
     on_train_batch_end = on_validation_batch_end = on_test_batch_end = _progressed
     on_train_epoch_start = on_validation_epoch_start = on_test_epoch_start = _progressed
+
+
+def _decoding(event: str) -> None:
+    """A folder being decoded must get through files, as training must get through batches."""
+    if event == "start":
+        liveness.training(True)
+    elif event == "image":
+        liveness.progressed()
+    else:
+        liveness.training(False)
+
+
+decode.listeners.append(_decoding)
 
 
 def trial_overrides(sweep: Sweep, trial: optuna.Trial) -> list[str]:
