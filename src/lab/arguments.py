@@ -90,7 +90,7 @@ def add_analysis_commands(sub) -> None:
     add_study_arguments(report)
 
     predict = sub.add_parser("predict", help="classify image files with a trained model")
-    predict.add_argument("model", help=f"the model: {MODEL_FORMS}")
+    predict.add_argument("model", help=f"the model: {MODEL_FORMS}, or an .onnx file `lab export` wrote")
     predict.add_argument("images", nargs="+", help="image files and folders (walked recursively)")
     predict.add_argument("--out", default=None, help="also write the predictions to this CSV file")
     predict.add_argument("--top", type=int, default=3, help="how many classes to list per image (default 3)")
@@ -98,10 +98,39 @@ def add_analysis_commands(sub) -> None:
     predict.add_argument("--study", default=None, help="for a sweep file: the study's name, when started with --study")
     predict.add_argument("--sweep-out", default=None, help="for a sweep file: its output folder (lab sweep's --out)")
 
+    add_export_command(sub)
+
     ensemble = sub.add_parser("ensemble", help="average the best trials' predictions on the test set")
     add_study_arguments(ensemble)
     ensemble.add_argument("--top", type=int, default=3, help="how many of the best trials to average (default 3)")
     ensemble.add_argument("--trials", default=None, help="these trial numbers instead, e.g. 3,7,12")
+
+
+def add_export_command(sub) -> None:
+    export = sub.add_parser("export", help="write a trained model as an ONNX file (float, int8, pruned), measured "
+                            "against the original on its test split")
+    export.add_argument("model", help=f"the model: {MODEL_FORMS}")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default onnx)")
+    export.add_argument("--input", choices=["uint8", "float"], default="uint8",
+                        help="what the file's image input holds: uint8 pixels 0-255 (default) or float 0-1")
+    export.add_argument("--quantize", choices=["int8"], default=None,
+                        help="int8 weights: static (calibrated) for conv nets, dynamic for Linear-only nets")
+    export.add_argument("--calibration", default=None,
+                        help="for int8 of a conv net: a folder of images to calibrate on (default: the run's own)")
+    export.add_argument("--calibration-size", type=int, default=None,
+                        help="how many calibration images (default 256 of the run's training images)")
+    export.add_argument("--prune", type=float, default=None,
+                        help="fraction of weights to remove by magnitude, e.g. 0.5")
+    export.add_argument("--structured", action="store_true",
+                        help="with --prune: remove that fraction of each conv layer's channels instead")
+    export.add_argument("--finetune-epochs", type=int, default=None,
+                        help="with --prune: epochs of fine-tuning with the run's training config (default 1)")
+    export.add_argument("--max-acc-drop", type=float, default=None,
+                        help="refuse the export if it loses more test accuracy than this (e.g. 0.01)")
+    export.add_argument("--out", default=None, help="the .onnx file to write (default: RUNNAME-VARIANT.onnx here)")
+    export.add_argument("--storage", default=None, help="for a sweep file: its Optuna storage")
+    export.add_argument("--study", default=None, help="for a sweep file: the study's name, when started with --study")
+    export.add_argument("--sweep-out", default=None, help="for a sweep file: its output folder (lab sweep's --out)")
 
 
 def add_server_command(sub) -> None:

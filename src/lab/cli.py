@@ -56,6 +56,7 @@ COMMANDS = (
     ("report", "SWEEP.yaml", "write a sweep's results as one HTML page"),
     ("predict", "MODEL IMAGES", "classify image files with a run's, a sweep's or a registered model"),
     ("ensemble", "SWEEP.yaml", "average the best trials' predictions on the test set, beside the best one"),
+    ("export", "MODEL", "write a model as an ONNX file (int8, pruned), measured against the original"),
     ("data", "fetch NAME", "download a dataset: flowers, cats_dogs, mnist, fashion_mnist"),
     ("server", "", "run an MLflow tracking server to browse the results"),
 )
@@ -66,7 +67,7 @@ COMMAND_FUNCTIONS = {
     "best": ("lab.analysis.best", "command"), "confirm": ("lab.analysis.confirm", "command"),
     "report": ("lab.analysis.report", "command"), "predict": ("lab.analysis.predict", "command"),
     "ensemble": ("lab.analysis.ensemble", "command"), "data": ("lab.data.fetch", "data_command"),
-    "server": ("lab.server", "command"),
+    "server": ("lab.server", "command"), "export": ("lab.analysis.export", "command"),
 }
 
 

@@ -1,8 +1,9 @@
-"""A trained model named the ways users name one: run id, models:/ URI, sweep file, checkpoint path.
+"""A trained model named the ways users name one: run id, models:/ URI, sweep file, checkpoint path, .onnx file.
 
 What every form resolves to is a Model: a torch module taking normalised float (N, C, H, W) images and
 returning (N, K) class probabilities, the metadata that says how to feed it (class names, input shape,
 mean and std), and the MLflow run it came from. `lab predict` and `lab ensemble` read models through here.
+An .onnx file resolves to an OnnxModel (lab.analysis.onnx_model): the same meta, class_names, probabilities().
 """
 import os
 import pickle
@@ -23,7 +24,7 @@ from lab.sweep import study as studies
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 MODEL_TAG = "lab.model_uri"  # lab.train.exported.URI_TAG: the run's logged model (its tested weights)
 VALID = ("a run id (32 hex digits), a models:/NAME@ALIAS, models:/NAME/VERSION or models:/m-... URI, "
-         "a sweep file (its best trial), or a checkpoint path a run recorded")
+         "a sweep file (its best trial), a checkpoint path a run recorded, or an .onnx file `lab export` wrote")
 
 
 @dataclass
@@ -36,6 +37,10 @@ class Model:
     @property
     def class_names(self) -> list[str]:
         return [str(c) for c in self.meta["class_names"]]
+
+    @property
+    def device_name(self) -> str:
+        return next(self.net.parameters()).device.type
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) -> float as TensorDataModule.prepare_batch makes it (no augmentation)."""
@@ -164,13 +169,17 @@ def checkpoint_run(mlflow_client: MlflowClient, path: Path, name: str) -> str:
     return runs[0].info.run_id
 
 
-def load(name: str, storage: str | None = None, out: str | None = None, study: str | None = None) -> Model:
-    """MODEL as the user typed it -> Model. storage, out, study: where a sweep file's study is (as `lab best`
-    takes them)."""
+def load(name: str, storage: str | None = None, out: str | None = None, study: str | None = None):
+    """MODEL as the user typed it -> Model, or an OnnxModel for an .onnx file (run by ONNX Runtime, no torch net).
+    storage, out, study: where a sweep file's study is (as `lab best` takes them)."""
+    path = Path(name).expanduser()
+    if path.suffix == ".onnx" and path.is_file():
+        from lab.analysis import onnx_model
+
+        return onnx_model.load(path, name)
     mlflow_client = client()
     if name.startswith(("models:/", "runs:/")):
         return from_uri(name, name)
-    path = Path(name).expanduser()
     if path.is_file() and path.suffix in (".yaml", ".yml"):
         return from_run(mlflow_client, sweep_best_run(name, storage, out, study), name)
     if path.is_file():

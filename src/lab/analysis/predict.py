@@ -101,7 +101,7 @@ def command(args) -> None:
         print(f"{str(file):<{width}}  {top[0][0]:<12} {top[0][1]:>6.3f}  {rest}")
     print(f"model: {model.source}" + (f" (run {model.run_id})" if model.run_id and model.run_id not in model.source else ""))
     print(f"{len(files)} image(s) in {done - started:.2f} s (decoding {decoded - started:.2f} s, "
-          f"model {done - decoded:.2f} s on {next(model.net.parameters()).device.type})")
+          f"model {done - decoded:.2f} s on {model.device_name})")
     scored = folder_accuracy(files, tops, model.class_names)
     if scored:
         left = f"; {scored[2]} not in a class folder, not counted" if scored[2] else ""

@@ -3,13 +3,16 @@
 Predictor takes what the training pipeline feeds the net (float (N, C, H, W), scaled to [0, 1], then
 normalised with the metadata's mean and std) and returns (N, K) class probabilities. The metadata
 (class_names, input_shape, mean, std, loss, data) says how to prepare an image for it; `lab predict` reads it.
-Loading needs lab installed: the pickled model names lab's classes. Pickled, not MLflow 3's default torch.export
-(pt2): that fixed the batch size at the example's 1 and fails on nets export cannot trace.
+What is logged is portable(): the same function built of torch's (and torchvision's, timm's) own classes, so
+that an environment MLflow builds from the model's requirements (`mlflow models serve` without --env-manager
+local) loads it without lab. Pickled, not MLflow 3's default torch.export (pt2): that fixed the batch size at
+the example's 1 and fails on nets export cannot trace.
 """
 import copy
 import importlib.metadata
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,20 +48,66 @@ def metadata(datamodule, loss: str = "cross_entropy") -> dict:
 
 def example_input(datamodule) -> np.ndarray:
     """The first test image as the model takes it: (1, C, H, W) float32, normalised."""
-    x = datamodule.splits["test"].x[:1]
+    x = datamodule.splits["test"].rows(slice(0, 1))
     return datamodule.prepare_batch(x.cpu(), training=False).contiguous().numpy()
 
 
-def requirements() -> list[str]:
-    """Pinned torch and cloudpickle (what mlflow.pytorch needs), given up front: MLflow's own inference of
-    them loads the model again in a subprocess (seconds per run)."""
-    out = []
-    for pkg in ("torch", "cloudpickle"):
-        try:
-            out.append(f"{pkg}=={importlib.metadata.version(pkg).split('+')[0]}")
-        except importlib.metadata.PackageNotFoundError:
-            out.append(pkg)
-    return out
+# Packages whose module classes a fresh environment installs by name; any other module's source is shipped.
+INSTALLED = ("torch", "torchvision", "timm")
+
+
+def plain_net(net: torch.nn.Module) -> torch.nn.Module:
+    """net itself where lab's own net classes only wrap torch's, torchvision's or timm's modules: CNN is
+    head(features(x)), a LayerStack is its layers, ResNet and TimmNet are their model. Other nets as they are."""
+    from lab.train import nets
+
+    if type(net) is nets.CNN:
+        return torch.nn.Sequential(net.features, net.head)
+    if isinstance(net, nets.LayerStack) and type(net).forward is nets.LayerStack.forward:
+        return net.layers
+    if isinstance(net, nets.PretrainedNet) and type(net).__module__ in ("lab.train.nets", "lab.train.timm_net"):
+        return net.model
+    return net
+
+
+def portable(net: torch.nn.Module, loss: str = "cross_entropy") -> torch.nn.Sequential:
+    """Predictor(net, loss)'s function as an nn.Sequential of plain_net(net), then softmax: for bce's one logit
+    z a fixed Linear(1, 2) first (weights [[0], [1]], bias 0) gives class_logits' [0, z] exactly."""
+    layers = [plain_net(net)]
+    if loss == "bce":
+        two = torch.nn.Linear(1, 2)
+        with torch.no_grad():
+            two.weight.copy_(torch.tensor([[0.0], [1.0]]))
+            two.bias.zero_()
+        layers.append(two.requires_grad_(False))
+    return torch.nn.Sequential(*layers, torch.nn.Softmax(dim=1))
+
+
+def logits_net(predictor: torch.nn.Module) -> torch.nn.Module:
+    """The net (normalised images -> class logits) inside a model logged or rebuilt here: a Predictor, or
+    portable()'s Sequential (the net first)."""
+    return predictor.net if isinstance(predictor, Predictor) else predictor[0]
+
+
+def _pin(pkg: str) -> str:
+    try:
+        return f"{pkg}=={importlib.metadata.version(pkg).split('+')[0]}"  # 2.14.1+cpu -> the release's number
+    except importlib.metadata.PackageNotFoundError:
+        return pkg
+
+
+def requirements(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """(pip requirements, code paths) that loading model needs in a fresh environment: torch and cloudpickle
+    (what mlflow.pytorch unpickles with), torchvision and timm pinned when its modules are theirs, and the
+    source file or package folder of any other module its classes live in (a user's own net). Given up front:
+    MLflow's own inference of them loads the model again in a subprocess (seconds per run)."""
+    roots = {type(m).__module__.split(".")[0] for m in model.modules()} - {"__main__", "builtins"}
+    pins = [_pin(pkg) for pkg in ("torch", "cloudpickle", *sorted(roots & set(INSTALLED[1:])))]
+    code = []
+    for root in sorted(roots - set(INSTALLED)):
+        module = sys.modules[root]
+        code.append(str(Path(module.__file__).parent if hasattr(module, "__path__") else module.__file__))
+    return pins, code
 
 
 @contextmanager
@@ -104,8 +153,9 @@ def log(run_id: str, model: Classifier | torch.nn.Module, data, uri: str, exampl
         example = (example_input(data) if not isinstance(data, dict)
                    else np.zeros([1, *meta["input_shape"]], dtype=np.float32))
     # A CPU float32 copy: loads on any machine; the training net (maybe on a GPU, channels_last) is untouched.
-    predictor = Predictor(copy.deepcopy(net).to("cpu", torch.float32).to(memory_format=torch.contiguous_format),
-                          loss).eval()
+    predictor = portable(copy.deepcopy(net).to("cpu", torch.float32).to(memory_format=torch.contiguous_format),
+                         loss).eval()
+    pins, code = requirements(predictor)
     with torch.no_grad():
         output = predictor(torch.from_numpy(example)).numpy()
     client = MlflowClient(uri)
@@ -116,7 +166,7 @@ def log(run_id: str, model: Classifier | torch.nn.Module, data, uri: str, exampl
         with _tracking(uri):
             info = mlflow.pytorch.log_model(predictor, name=NAME, model_id=logged.model_id, run_id=run_id,
                                             input_example=example, signature=infer_signature(example, output),
-                                            metadata=meta, pip_requirements=requirements(), step=step,
+                                            metadata=meta, pip_requirements=pins, code_paths=code or None, step=step,
                                             serialization_format="pickle")
     except BaseException:
         client.finalize_logged_model(logged.model_id, "FAILED")
@@ -126,7 +176,7 @@ def log(run_id: str, model: Classifier | torch.nn.Module, data, uri: str, exampl
     return info.model_uri
 
 
-def load(model_uri: str, uri: str, map_location: str = "cpu") -> Predictor:
+def load(model_uri: str, uri: str, map_location: str = "cpu") -> torch.nn.Module:
     """mlflow.pytorch.load_model of a models:/ or runs:/ URI from the store at uri (MLflow resolves those URIs
     through its global tracking URI, which Lightning resets to whichever store trained last)."""
     import mlflow.pytorch

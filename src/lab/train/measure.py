@@ -32,6 +32,12 @@ def _timed(call, device: torch.device, budget_s: float, max_calls: int) -> list[
     return times
 
 
+def latency_ms(call, budget_s: float = 0.3, max_calls: int = 200) -> float:
+    """Median milliseconds of call() on the CPU, timed as cost() times its batch-1 calls (one untimed warm-up,
+    then up to max_calls calls or budget_s seconds): what `lab export` compares exported files by."""
+    return statistics.median(_timed(call, torch.device("cpu"), budget_s, max_calls)) * 1000
+
+
 def forward_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
     """FLOPs of one forward pass (torch counts a multiply-add as 2), as torch's FlopCounterMode counts them."""
     counter = FlopCounterMode(display=False)
