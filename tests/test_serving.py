@@ -91,8 +91,9 @@ def test_mlflow_serves_the_logged_model_from_an_environment_without_lab(mlflow_u
             time.sleep(2)
         (built,) = envs.glob("*/bin/python")
         # The environment MLflow built has torch and not lab: what loaded the model is torch's classes alone.
-        probe = subprocess.run([str(built), "-c", "import torch\ntry:\n import lab\nexcept ImportError: print('no lab')"],
-                               cwd=tmp_path, capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+        code = "import torch\ntry:\n import lab\nexcept ImportError: print('no lab')"
+        probe = subprocess.run([str(built), "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                               env={"PATH": os.environ["PATH"]})
         assert probe.stdout.strip() == "no lab", probe.stdout + probe.stderr
         datamodule, _ = job.build(cfg)
         test = datamodule.splits["test"]

@@ -115,19 +115,19 @@ def add_export_command(sub) -> None:
                         help="what the file's image input holds: uint8 pixels 0-255 (default) or float 0-1")
     export.add_argument("--quantize", choices=["int8"], default=None,
                         help="int8 weights: static (calibrated) for conv nets, dynamic for Linear-only nets")
-    export.add_argument("--calibration", default=None,
+    export.add_argument("--calibration", default=None, metavar="FOLDER",
                         help="for int8 of a conv net: a folder of images to calibrate on (default: the run's own)")
-    export.add_argument("--calibration-size", type=int, default=None,
+    export.add_argument("--calibration-size", type=int, default=None, metavar="N",
                         help="how many calibration images (default 256 of the run's training images)")
-    export.add_argument("--prune", type=float, default=None,
+    export.add_argument("--prune", type=float, default=None, metavar="FRACTION",
                         help="fraction of weights to remove by magnitude, e.g. 0.5")
     export.add_argument("--structured", action="store_true",
                         help="with --prune: remove that fraction of each conv layer's channels instead")
-    export.add_argument("--finetune-epochs", type=int, default=None,
+    export.add_argument("--finetune-epochs", type=int, default=None, metavar="N",
                         help="with --prune: epochs of fine-tuning with the run's training config (default 1)")
-    export.add_argument("--max-acc-drop", type=float, default=None,
+    export.add_argument("--max-acc-drop", type=float, default=None, metavar="X",
                         help="refuse the export if it loses more test accuracy than this (e.g. 0.01)")
-    export.add_argument("--out", default=None, help="the .onnx file to write (default: RUNNAME-VARIANT.onnx here)")
+    export.add_argument("--out", default=None, metavar="FILE", help="the .onnx file to write (default: RUNNAME-VARIANT.onnx here)")
     export.add_argument("--storage", default=None, help="for a sweep file: its Optuna storage")
     export.add_argument("--study", default=None, help="for a sweep file: the study's name, when started with --study")
     export.add_argument("--sweep-out", default=None, help="for a sweep file: its output folder (lab sweep's --out)")

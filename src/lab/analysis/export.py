@@ -86,9 +86,11 @@ def variant(args) -> str:
     return "-".join(parts)
 
 
-def load_data(cfg, run_id: str):
-    """(datamodule, Classifier) of the run's config: its test split scores the export, its training split
-    calibrates and fine-tunes. Never downloads: the run's data must be on this machine."""
+def load_data(cfg, run_id: str, with_module: bool):
+    """(datamodule, the Classifier its config builds when with_module, else None): the test split scores the
+    export, the training split calibrates and fine-tunes. Never downloads: the run's data must be on this
+    machine. The Classifier (what fine-tuning trains) only when pruning: a net may load pretrained weights."""
+    from hydra.utils import instantiate
     from omegaconf import open_dict
 
     from lab.train import job
@@ -97,7 +99,11 @@ def load_data(cfg, run_id: str):
         if "download" in cfg.data:
             cfg.data.download = False
     try:
-        return job.build(cfg)
+        if with_module:
+            return job.build(cfg)
+        datamodule = instantiate(cfg.data)
+        datamodule.setup("fit")
+        return datamodule, None
     except LabError as err:
         raise LabError(f"the data of run {run_id} (its test split scores the export; its training images "
                        f"calibrate int8 and fine-tune a pruned net) cannot be loaded: {err}") from err
@@ -110,7 +116,7 @@ def calibration_images(args, datamodule, shape: list[int]) -> torch.Tensor:
         x, _, _ = predict.read(predict.image_files([args.calibration]), shape)
         return x[: args.calibration_size] if args.calibration_size is not None else x
     n = 256 if args.calibration_size is None else args.calibration_size
-    return datamodule.splits["train"].x[:n]
+    return datamodule.splits["train"].rows(slice(0, n))
 
 
 def torch_probabilities(deployed: onnx_model.Deployed, x: torch.Tensor, input_type: str) -> np.ndarray:
@@ -240,7 +246,7 @@ def command(args) -> None:
     mlflow_client = models.client()
     source = mlflow_client.get_run(model.run_id)
     cfg = exported.run_config(model.run_id, results.mlflow_uri())
-    datamodule, module = load_data(cfg, model.run_id)
+    datamodule, module = load_data(cfg, model.run_id, with_module=args.prune is not None)
     name = variant(args)
     out = Path(args.out or f"{source.info.run_name or model.run_id}-{name}.onnx").expanduser()
     test = datamodule.splits["test"]
@@ -258,7 +264,7 @@ def command(args) -> None:
         work = Path(tmp)
         original = deployed(net)
         rows = [torch_row(original, x, y, input_type)]
-        row, diff = float_file("ONNX float", original, {**meta, "variant": args.format}, work / "float.onnx", x, y)
+        row, diff = float_file("ONNX float", original, meta, work / "float.onnx", x, y)  # the rest: temporary
         rows.append(row)
         last = work / "float.onnx"
         params = {"format": args.format, "input": input_type, "quantize": args.quantize, "prune": args.prune,
@@ -278,14 +284,15 @@ def command(args) -> None:
             quantize.int8(last, work / "int8.onnx", calibration, input_type, work)
             params["quantization"] = how
             params["calibration_images"] = len(calibration) if calibration is not None else None
-            row, _ = file_row(f"{rows[-1].name} int8 ({how})", work / "int8.onnx", x, y, input_type,
-                              deployed(cut).predictor if args.prune is not None else original.predictor)
+            before = deployed(cut).predictor if args.prune is not None else original.predictor
+            row, _ = file_row(f"{rows[-1].name.replace(' float', '')} int8 ({how})", work / "int8.onnx", x, y,
+                              input_type, before)
             rows.append(row)
             last = work / "int8.onnx"
         drop = rows[1].acc - rows[-1].acc
         if args.max_acc_drop is not None and drop > args.max_acc_drop:
-            raise LabError(f"the {name} export loses {drop:.4f} test accuracy ({rows[1].acc:.4f} -> {rows[-1].acc:.4f}), "
-                           f"more than --max-acc-drop {args.max_acc_drop:g}: nothing was written; raise "
+            raise LabError(f"the {name} export loses {drop:.4f} test accuracy ({rows[1].acc:.4f} -> "
+                           f"{rows[-1].acc:.4f}), more than --max-acc-drop {args.max_acc_drop:g}: nothing was written; raise "
                            "--max-acc-drop, fine-tune longer (--finetune-epochs) or prune less.")
         final = work / out.name
         os.replace(last, final)
