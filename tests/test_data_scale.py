@@ -1,5 +1,6 @@
 """Data at real sizes: one store per load (splits are indices), a decoded cache every process maps, bounded
 conversions, and streamed batches that equal resident ones."""
+import json
 import os
 import subprocess
 import sys
@@ -263,3 +264,53 @@ def test_lab_train_on_a_csv_layout(tmp_path, image_folder, lab):
     missing = lab("train", "data=image_csv", f"data.root={root}", "data.csv=nope.csv", "model=mlp")
     assert missing.returncode == 2 and "data.csv=nope.csv is not a file" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_gpu_placement_divides_free_memory_among_the_slots(monkeypatch):
+    """The GPU branch's arithmetic, on a CPU machine: the card's measured free memory is the one input faked."""
+    from lab.data import placing
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40e9, 80e9))
+    monkeypatch.setenv(placing.SLOTS_ENV, "4")
+    fits = placing.decide("auto", int(4.9e9), torch.device("cuda", 0))
+    assert fits.resident and fits.why == "4.90 GB of data <= 5.00 GB (0.5 x 40.00 GB free on cuda:0 / 4 slot(s))"
+    assert not placing.decide("auto", int(5.1e9), torch.device("cuda", 0)).resident
+
+
+def test_auto_workers_per_gpu_counts_the_data():
+    from lab.sweep import pool
+
+    card = 80 * 2**30
+    assert pool.auto_per_gpu(100_000, card) == 8
+    assert pool.auto_per_gpu(100_000, card, data_bytes=10 * 2**30) == 3  # 11 GiB a slot in half the card
+    assert pool.auto_per_gpu(100_000, card, data_bytes=60 * 2**30) == 8  # too big for any slot: streamed
+
+
+@pytest.mark.slow
+def test_a_sweep_over_its_resident_limit_streams_to_the_resident_metrics(workdir, lab, journal, image_folder):
+    """The limit is imposed through data.resident_max_gb (far below the data's size): every trial streams, and
+    each one's value is what the same trial gives training resident in this process."""
+    from lab.train import job
+
+    tmp, env = workdir
+    root = image_folder(tmp / "pets", per_class=16, side=12)
+    overrides = ["data=image_folder", f"data.root={root}", "data.image_size=8", f"data.cache_dir={tmp / 'cache'}",
+                 "data.batch_size=8", "model=mlp", "model.net.hidden=[16]", "trainer.max_epochs=2"]
+    path = tmp / "stream.yaml"
+    path.write_text(json.dumps({"study": "streamed", "overrides": [*overrides, "data.resident_max_gb=1e-9"],
+                                "metric": "val/loss", "direction": "minimize", "n_trials": 2,
+                                "sampler": {"name": "grid"},
+                                "params": {"model.optimizer.lr": {"type": "categorical", "choices": [0.01, 0.05]}}}))
+    done = lab("sweep", path, "--workers", "1", "--no-live", env_extra={"LAB_TORCH_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    study = journal(tmp, "streamed")
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    torch.set_num_threads(1)
+    for trial in study.trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["lab.data_placement"] == "stream", run.data.tags.get("lab.data_placement_reason")
+        lr = trial.params["model.optimizer.lr"]
+        alone = job.run(load([*overrides, f"model.optimizer.lr={lr}", "data.placement=resident",
+                              "mlflow.experiment=resident", f"mlflow.tracking_uri={env['MLFLOW_TRACKING_URI']}"]),
+                        tmp / f"alone_{lr}")
+        assert trial.value == pytest.approx(alone["val/loss"], abs=1e-5), lr

@@ -17,7 +17,7 @@ from lab.data.batches import IndexBatches, StreamedBatches
 from lab.errors import LabError
 
 STATS_IMAGES = 20_000  # normalisation statistics from at most this many training images (random: the split is)
-CHUNK_BYTES = 8 << 20  # uint8 bytes converted to float at once: ~32 MB of float32 whatever the image size
+CHUNK_BYTES = 1 << 20  # uint8 bytes converted to float at once: 4 MB of float32 (8 MB float64 sums) at any image size
 
 
 @dataclass
