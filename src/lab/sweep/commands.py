@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from lab import config, interrupts, settings
 from lab.errors import DISK_FULL, Interrupted, LabError, says_disk_full
-from lab.sweep import budget, live, liveness, outcome, pool, reachability, records, spec, worker
+from lab.sweep import budget, live, liveness, outcome, patience, pool, reachability, records, spec, worker
 from lab.sweep import stop as stop_rules
 from lab.sweep import study as studies
 from lab.sweep.slurm import follow as slurm
@@ -182,6 +182,10 @@ def sweep_command(args) -> None:
             sys.stdout = sys.stderr = open(out_dir / "sweep.log", "a", buffering=1)  # noqa: SIM115 - until exit
         print(f"\n{worker.describe(stop)}: stopping workers (each marks its trial and ends its MLflow run KILLED) ...")
         workers.stop(sig=signal.Signals[str(stop)] if str(stop) in ("SIGINT", "SIGTERM") else signal.SIGTERM)
+    except patience.StorageUnreachable as lost:  # longer than LAB_STORAGE_OUTAGE_S: said in one sentence
+        workers.stop()
+        records.end_parent(MlflowClient(uri), parent, patience.reason(lost.why))
+        raise
     except BaseException:
         workers.stop()  # the parent owns its workers to the end: none goes on without it
         raise

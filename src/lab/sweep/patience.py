@@ -85,43 +85,44 @@ def reason(why: str) -> str:
     return f"storage unreachable ({why})"
 
 
-def call(fn, where: str, *args, **kwargs):
-    """fn(*args, **kwargs), tried again while the database cannot be reached, for up to LAB_STORAGE_OUTAGE_S."""
+def attempt(fn, args, kwargs):
+    """(fn's result, None), or (None, why) when the server could not be reached; other errors raise."""
     try:
-        result = fn(*args, **kwargs)
+        return fn(*args, **kwargs), None
     except Exception as err:
         why = unreachable(err)
         if why is None:
             raise
-    else:
+        return None, why
+
+
+def call(fn, where: str, *args, **kwargs):
+    """fn(*args, **kwargs), tried again while the database cannot be reached, for up to LAB_STORAGE_OUTAGE_S."""
+    result, why = attempt(fn, args, kwargs)
+    if why is None:
         if outage.since is not None:
             outage.ended()
         return result
     since = outage.began(why, where)
-    limit, wait, attempt = settings.get("LAB_STORAGE_OUTAGE_S"), FIRST_WAIT_S, 1
-    while True:
+    began = time.strftime("%H:%M:%S", time.localtime(since))
+    limit, wait, tries = settings.get("LAB_STORAGE_OUTAGE_S"), FIRST_WAIT_S, 1
+    while why is not None:
         left = since + limit - time.time()
         if left <= 0 or outage.gave_up:
             outage.gave_up = True
             raise StorageUnreachable(
-                f"the Optuna storage {where} has been unreachable since {time.strftime('%H:%M:%S', time.localtime(since))}"
-                f" ({time.time() - since:.0f} s, more than LAB_STORAGE_OUTAGE_S={limit:g}): {why}; start it again "
-                "and run the same command: trials cut off are retried.", why) from None
+                f"the Optuna storage {where} has been unreachable since {began} ({time.time() - since:.0f} s, more "
+                f"than LAB_STORAGE_OUTAGE_S={limit:g}): {why}; start it again and run the same command: trials cut "
+                "off are retried.", why) from None
         pause = min(wait, left)
         log.warning("storage unreachable since %s (%s): attempt %d failed, next in %.0f s, giving up in %.0f s",
-                    time.strftime("%H:%M:%S", time.localtime(since)), why, attempt, pause, left)
+                    began, why, tries, pause, left)
         time.sleep(pause)
         liveness.progressed()
-        attempt, wait = attempt + 1, min(wait * 2, LONGEST_WAIT_S)
-        try:
-            result = fn(*args, **kwargs)
-        except Exception as err:
-            why = unreachable(err)
-            if why is None:
-                raise
-            continue
-        outage.ended()
-        return result
+        tries, wait = tries + 1, min(wait * 2, LONGEST_WAIT_S)
+        result, why = attempt(fn, args, kwargs)
+    outage.ended()
+    return result
 
 
 class PatientStorage(BaseStorage, BaseHeartbeat):

@@ -123,6 +123,12 @@ def end_failed(uri: str, trial: optuna.trial.FrozenTrial, reason: str) -> None:
         MlflowClient(uri).set_terminated(run_id, "FAILED")
 
 
+def end_parent(client: MlflowClient, run_id: str, reason: str) -> None:
+    """The parent run of a sweep that cannot go on (its storage is gone): FAILED, saying why."""
+    client.set_tag(run_id, "lab.end", reason[:5000])
+    client.set_terminated(run_id, "FAILED")
+
+
 def abandoner(uri: str, max_retries: int):
     """abandon(study, trial, reason) for a trial whose worker is gone: fail it, queue it again within
     max_retries, and end its MLflow run FAILED (nobody else will)."""
