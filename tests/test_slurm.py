@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 import slurm_cluster
 from lab.errors import LabError
 from lab.sweep.slurm import settings
+from test_faults import wait_for_running_trial
 
 FAST = ["data=digits", "model=mlp", "model.net.hidden=[16]", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
 # One core per task: the node has this machine's cores, and two tasks then run at once.
@@ -63,22 +64,6 @@ def nothing_running(client, study) -> None:
     exp = client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.experiment_id
     running = client.search_runs([exp], "attributes.status = 'RUNNING'")
     assert not running, [(r.info.run_name, r.info.status) for r in running]
-
-
-def wait_for_epoch(tmp, name, journal, proc, timeout=300):
-    """The first RUNNING trial that has finished an epoch (so it has a last.ckpt to resume from)."""
-    end = time.time() + timeout
-    while time.time() < end:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            running = journal(tmp, name).get_trials(states=(TrialState.RUNNING,))
-        except (KeyError, FileNotFoundError):
-            running = []
-        caught = [t for t in running if t.intermediate_values and "worker" in t.user_attrs]
-        if caught:
-            return caught[0]
-        time.sleep(0.3)
-    raise AssertionError("no trial got through an epoch")
 
 
 @pytest.mark.slow
@@ -134,7 +119,7 @@ def test_scancel_of_one_task_mid_trial_gets_its_trial_retried_to_completion(on_s
 
     path = slow_sweep_file(tmp / "cut.yaml", "cut", 3)
     proc = start_lab("sweep", path, "--workers", "2", *LAUNCH, env=env)
-    victim = wait_for_epoch(tmp, "cut", journal, proc)
+    victim = wait_for_running_trial(journal, tmp, "cut", proc)
     task = victim.user_attrs["worker"]
     subprocess.run(["scancel", task.removeprefix("slurm")], env=env, check=True, timeout=60)
     out, _ = proc.communicate(timeout=900)
@@ -161,7 +146,7 @@ def test_ctrl_c_cancels_the_array_and_the_same_command_finishes_the_budget(on_sl
 
     path = slow_sweep_file(tmp / "ctrlc.yaml", "slurm_ctrlc", 2)
     proc = start_lab("sweep", path, "--workers", "2", *LAUNCH, env=env)
-    wait_for_epoch(tmp, "slurm_ctrlc", journal, proc)
+    wait_for_running_trial(journal, tmp, "slurm_ctrlc", proc)
     pressed = time.time()
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=180)

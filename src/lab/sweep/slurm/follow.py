@@ -5,6 +5,7 @@ codes. With --detach it submits and returns; the last worker closes the sweep.""
 import signal
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import optuna
@@ -88,10 +89,16 @@ def launch(args, array: Array, sweep: Sweep, study: optuna.Study, parent: str, u
     if not work_left(sweep, study, deadline) and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         commands.finish(sweep, study, parent, uri, None, [], deadline)  # nothing to submit
         return
+    if not args.detach:  # from here a Ctrl-C cancels what was submitted
+        interrupts.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))  # SIGHUP: the terminal was closed
     try:
         array_id = array.submit(task, n, f"lab-{sweep.spec.study}")
     except LabError:
         MlflowClient(uri).set_terminated(parent, "FAILED")  # nothing will run: the parent run is not left RUNNING
+        raise
+    except Interrupted:
+        with suppress(LabError):
+            array.cancel()
         raise
     print(f"workers: SLURM job array {array_id}, {n} task(s) on {where}; logs in {array.folder}", flush=True)
     if args.detach:
@@ -106,36 +113,55 @@ def launch(args, array: Array, sweep: Sweep, study: optuna.Study, parent: str, u
     started = time.time()
     view = live.LiveView(live=False if args.no_live else None)
     failures = commands.Failures(study)
-    interrupted, submits, hung = None, 0, {}
-    interrupts.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))  # SIGHUP: the terminal was closed
+    interrupted, submits, hung, said = None, 0, {}, None
+    trials_then = len(study.get_trials(deepcopy=False))  # at the last submission
     grace = liveness.grace_s()
+    active = PENDING | RUNNING
     try:
         while True:
             before = dict(array.states)
-            for name, (state, node) in array.poll().items():
+            try:
+                states = array.poll()
+            except LabError as err:  # slurmctld busy or restarting: the tasks may well be running on
+                if str(err) != said:
+                    print(f"{err}; retrying", flush=True)
+                said = str(err)
+                time.sleep(commands.POLL_S)
+                continue
+            said = None
+            for name, (state, node) in states.items():
+                was = before.get(name, ("PENDING", ""))[0]
+                if state in RUNNING and was not in RUNNING:
+                    array.beat_file(name).unlink(missing_ok=True)  # a requeued task's old beat is not its own
                 quiet = liveness.quiet_for(array.beat_file(name))
                 if state in RUNNING and quiet > grace and name not in hung:
                     hung[name] = quiet
                     print(f"worker {name} hung (no sign of life for {quiet:.0f} s): cancelled", flush=True)
                     array.cancel(name, "KILL")
-                was = before.get(name, ("PENDING", ""))[0]
-                if was in RUNNING and state not in RUNNING:  # ended, or requeued (preempted, its node failed)
+                ended, requeued = was in active and state not in active, was in RUNNING and state in PENDING
+                if ended or requeued:  # requeued: preempted, or its node failed
                     what = f"hung for {hung[name]:.0f} s, cancelled" if name in hung else state
                     reaped = reap_task(study, sweep, uri, storage, name, f"SLURM task {name} ended ({what})")
                     commands.reap(study, sweep, uri, storage)
                     if state != "COMPLETED" or reaped:
-                        print(f"worker {name} ended ({what})" + (f" running trial {reaped[-1].number}" if reaped else "")
+                        print(f"worker {name} {'requeued' if requeued else 'ended'} ({what})"
+                              + (f" running trial {reaped[-1].number}" if reaped else "")
                               + f"; see {log_of(array, name)}", flush=True)
             failures.report(study)
             if budget.failure_streak(sweep, study):
                 break
             if not array.active():
-                if submits < MAX_SUBMITS and work_left(sweep, study, deadline):
+                ran = len(study.get_trials(deepcopy=False)) > trials_then
+                if submits < MAX_SUBMITS and ran and work_left(sweep, study, deadline):
                     submits += 1
+                    trials_then = len(study.get_trials(deepcopy=False))
                     again = array.submit(task, n, f"lab-{sweep.spec.study}")
                     print(f"every task ended with trials left: submitted array {again} ({submits}/{MAX_SUBMITS})",
                           flush=True)
                     continue
+                if not ran:
+                    print(f"every task ended without running a trial: see the task logs in {array.folder}",
+                          file=sys.stderr, flush=True)
                 break
             view.show(lines(sweep, study, array, started))
             time.sleep(commands.POLL_S)
@@ -149,7 +175,8 @@ def launch(args, array: Array, sweep: Sweep, study: optuna.Study, parent: str, u
         array.cancel()
         wait_gone(array)
     except BaseException:
-        array.cancel()  # the parent owns its tasks to the end: none goes on without it
+        with suppress(LabError):  # the error that got here is the one to say
+            array.cancel()  # the parent owns its tasks to the end: none goes on without it
         raise
     streak = budget.failure_streak(sweep, study)
     if streak and not interrupted:
