@@ -124,13 +124,17 @@ def stop() -> None:
         _run("scancel", "--user", str(os.getuid()), check=False)
     for name in ("slurmd", "slurmctld", "munged"):
         _end(name)
-    # slurmstepd of a job that was running when slurmd went: nothing may keep running after the session.
+    # What a job of this cluster left running when slurmd went (slurmstepd, the job's own processes): nothing may
+    # keep running after the session. Only processes of jobs, not a shell that merely exported SLURM_CONF.
+    ours = f"SLURM_CONF={conf_path()}".encode()
     for proc in Path("/proc").iterdir():
         try:
-            environ = (proc / "environ").read_bytes() if proc.name.isdigit() else b""
+            environ = (proc / "environ").read_bytes().split(b"\0") if proc.name.isdigit() else []
+            cmdline = (proc / "cmdline").read_bytes() if environ else b""
         except OSError:
             continue
-        if f"SLURM_CONF={conf_path()}".encode() in environ and int(proc.name) != os.getpid():
+        job = any(v.startswith(b"SLURM_JOB_ID=") for v in environ) or cmdline.startswith(b"slurmstepd")
+        if ours in environ and job and int(proc.name) != os.getpid():
             try:
                 os.kill(int(proc.name), signal.SIGKILL)
             except OSError:
