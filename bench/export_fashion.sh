@@ -18,7 +18,7 @@ c = MlflowClient()
 e = c.get_experiment_by_name('fashion_mnist_cnn')
 print(c.search_runs([e.experiment_id], \"attributes.run_name = 'export-bench'\", order_by=['start_time DESC'])[0].info.run_id)")
 for variant in "" "--quantize int8" "--prune 0.5" "--prune 0.5 --structured" "--prune 0.5 --structured --quantize int8"; do
-  name=$(echo "fashion $variant" | tr -s ' -' '_')
+  name=$(echo "fashion $variant" | tr -s ' -' '_'); [ "$name" = fashion_ ] && name=fashion_float
   echo "== lab export $RUN $variant"
   # shellcheck disable=SC2086 - the variant's words are separate options
   $LAB export "$RUN" $variant --out "$OUT/$name.onnx"
