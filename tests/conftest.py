@@ -132,7 +132,10 @@ def small_data(tmp_path):
         out = [f"data.batch_size={batch_size}"]
         if image_size is not None:
             out.append(f"data.image_size={image_size}")
-        if issubclass(cls, Synthetic):
+        if "small_settings" in vars(cls):  # the class says itself what small data it needs
+            settings = cls.small_settings(tmp_path / f"small_{cls.__name__}")
+            out += [f"data.{key}={json.dumps(str(v) if isinstance(v, Path) else v)}" for key, v in settings.items()]
+        elif issubclass(cls, Synthetic):
             out += ["data.n_train=64", "data.n_test=16"] + ([f"data.size={image_size}"] if image_size else [])
             out += [f"data.classes={classes}"] if classes else []
         elif issubclass(cls, IdxDataModule):

@@ -1,6 +1,6 @@
 """`lab predict MODEL IMAGE_OR_FOLDER...`: classify image files with a trained model.
 
-Images are decoded as training decodes an image folder (lab.data.folder.decode: the model's channels, resized
+Images are decoded as training decodes an image folder (lab.data.decode.decode: the model's channels, resized
 to its input side, antialiased), then /255 and (x - mean) / std with the training set's statistics.
 """
 import csv
@@ -14,7 +14,7 @@ import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from lab.analysis import models
-from lab.data.folder import decode
+from lab.data.decode import decode
 from lab.errors import LabError
 
 

@@ -45,11 +45,12 @@ def choose_slots(args, sweep: spec.Sweep) -> list[pool.Slot]:
     if gpus and args.workers_per_gpu == "auto":
         from lab.train import job  # Lightning's imports (~7 s), only for this measurement
 
-        _, model = job.build(config.load(sweep.base_overrides))
+        datamodule, model = job.build(config.load(sweep.base_overrides))
         n_params = sum(p.numel() for p in model.parameters())
         memory = min(torch.cuda.get_device_properties(g).total_memory for g in gpus)
-        per_gpu = pool.auto_per_gpu(n_params, memory)
-        print(f"--workers-per-gpu auto: {n_params / 1e6:.2f}M parameters -> {per_gpu} per GPU")
+        per_gpu = pool.auto_per_gpu(n_params, memory, datamodule.nbytes)
+        print(f"--workers-per-gpu auto: {n_params / 1e6:.2f}M parameters, {datamodule.nbytes / 1e9:.2f} GB of data "
+              f"per worker -> {per_gpu} per GPU")
     elif gpus:
         try:
             per_gpu = int(args.workers_per_gpu)

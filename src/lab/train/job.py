@@ -239,7 +239,7 @@ def after_test(cfg: DictConfig, client, run_id: str, uri: str, trainer: pl.Train
     """What a run records once its tested weights are in the model: misclassified test images, cost metrics
     (returned), the MLflow model."""
     test = datamodule.splits["test"]
-    misclassified.log(client, run_id, model.test_samples, test.x, datamodule.class_names, test.paths,
+    misclassified.log(client, run_id, model.test_samples, test, datamodule.class_names, test.paths,
                       int(cfg.mlflow.get("misclassified_per_class", 8)))
     costs: dict[str, float] = {}
     spec = cfg.get("measure") or {}
@@ -306,6 +306,10 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
                                                patience=cfg.early_stopping.patience))
         trainer = pl.Trainer(**trainer_kwargs(cfg), logger=logger, callbacks=all_callbacks,
                              default_root_dir=str(out_dir))
+        placed = datamodule.decide_placement(trainer.strategy.root_device)
+        client.set_tag(run_id, "lab.data_placement", placed.name)  # resident or stream, and the sizes that chose it
+        client.set_tag(run_id, "lab.data_placement_reason", placed.why)
+        log.info("data %s: %s", placed.name, placed.why)
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         if trainer.interrupted:  # Lightning swallowed a SIGTERM/Ctrl-C and returned normally
             raise KeyboardInterrupt("training was interrupted")

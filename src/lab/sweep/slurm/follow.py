@@ -83,7 +83,9 @@ def launch(args, array: Array, sweep: Sweep, study: optuna.Study, parent: str, u
     n = args.workers or 1
     s = array.settings
     array.beat_dir.mkdir(parents=True, exist_ok=True)
-    task = Task(worker_args, {"MLFLOW_TRACKING_URI": uri}, str(array.beat_dir), s.signal, follow=not args.detach)
+    # Without GPUs asked for, none is used: a node whose GPUs SLURM does not fence would show its workers all of them.
+    env = {"MLFLOW_TRACKING_URI": uri, **({} if s.gpus_per_task else {"CUDA_VISIBLE_DEVICES": ""})}
+    task = Task(worker_args, env, str(array.beat_dir), s.signal, follow=not args.detach)
     where = (f"partition {s.partition or '(default)'} ({len(array.hosts)} node(s)), {s.cpus_per_task} CPU(s)"
              f"{f' {s.gpus_per_task} GPU(s)' if s.gpus_per_task else ''} and {s.time_min} min per task")
     if not work_left(sweep, study, deadline) and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):

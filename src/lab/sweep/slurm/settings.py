@@ -137,8 +137,8 @@ def nodes(partition: str | None) -> list[str]:
     """The nodes the array's tasks may run on: those of the partition (the default one when None)."""
     missing = [c for c in COMMANDS if shutil.which(c) is None]
     if missing:
-        raise LabError(f"--launcher slurm needs SLURM's commands, and {', '.join(missing)} is not on the PATH: run "
-                       "`lab sweep` on the cluster's login node, or use --launcher local.")
+        raise LabError(f"--launcher slurm needs SLURM's commands, and these are not on the PATH: {', '.join(missing)}; "
+                       "run `lab sweep` on the cluster's login node, or use --launcher local.")
     listed = run("sinfo", "-h", "-o", "%R %P")
     names = {line.split()[0]: line.split()[1].endswith("*") for line in listed.splitlines() if line.strip()}
     if partition is None:
