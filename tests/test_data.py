@@ -53,8 +53,8 @@ def test_read_idx_truncated_gzip_raises(tmp_path, write_idx):
 @pytest.mark.parametrize("name, payload", [
     ("empty", b""),
     ("text", b"not an idx file"),
-    ("float.gz", gzip.compress(bytes([0, 0, 0x0D, 1, 0, 0, 0, 1, 0]))),  # dtype 0x0D: float32
-])
+    ("float.gz", gzip.compress(bytes([0, 0, 0x0D, 1, 0, 0, 0, 1, 0]), mtime=0)),  # dtype 0x0D: float32
+], ids=["empty", "text", "float.gz"])
 def test_read_idx_rejects_other_files(tmp_path, name, payload):
     path = tmp_path / name
     path.write_bytes(payload)
