@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from lab import settings
+from lab import private, settings
 from lab.errors import LabError
 from lab.locks import file_lock
 from lab.sweep import patience
@@ -59,7 +59,7 @@ def done(sweep: Sweep, study: optuna.Study, sampler: optuna.samplers.BaseSampler
     """No new trial is needed: the budget is spent, or every grid combination has run."""
     if used_budget(study, failures_count=not sweep.spec.max_failures) >= sweep.spec.n_trials:
         return True
-    return isinstance(sampler, GridSampler) and sampler.exhausted(study)
+    return isinstance(sampler, GridSampler) and sampler.is_exhausted(study)
 
 
 def failure_streak(sweep: Sweep, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -78,6 +78,11 @@ def failure_streak(sweep: Sweep, study: optuna.Study) -> list[optuna.trial.Froze
         if len(run) >= sweep.spec.max_failures:
             return run
     return []
+
+
+def stored(study: optuna.Study, trial: optuna.trial.BaseTrial) -> optuna.trial.FrozenTrial:
+    """The trial as the storage has it now (another process may have ended it meanwhile)."""
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
 
 
 def fail_reason(trial: optuna.trial.FrozenTrial) -> str:
@@ -103,8 +108,7 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str, max
             attrs[RESUME_FROM] = str(last)
         study.enqueue_trial(trial.params, user_attrs=attrs)
     if trial.state == TrialState.RUNNING:
-        # Another process's trial: Optuna has no public attribute setter for it short of the storage.
-        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)  # noqa: SLF001
+        private.set_trial_user_attr(study, trial, "fail_reason", reason)  # another process's trial
         study.tell(trial.number, state=TrialState.FAIL)
     return again
 
@@ -133,12 +137,10 @@ def stale_trials(study: optuna.Study, storage: str) -> list[tuple[optuna.trial.F
     timing = settings.rdb_timing()
     # Not just after the database itself was away: every trial's heartbeats were lost to it, not to its worker.
     if is_rdb(storage) and not patience.outage.recent(timing["grace_period"] + timing["heartbeat_interval"]):
-        # The heartbeat API's own query (what optuna.storages.fail_stale_trials uses), called here so that each
-        # trial is failed with its reason and queued again while it is still RUNNING.
-        ids = set(study._storage._get_stale_trial_ids(study._study_id))  # noqa: SLF001
-        for t in running:
-            if t._trial_id in ids:  # noqa: SLF001
-                stale.setdefault(t.number, "heartbeat lost")
+        # The query of optuna.storages.fail_stale_trials, without its failing: each trial is failed with its
+        # reason and queued again while it is still RUNNING (lab/private.py says why).
+        for t in private.stale_by_heartbeat(study, running):
+            stale.setdefault(t.number, "heartbeat lost")
     return [(t, stale[t.number]) for t in running if t.number in stale]
 
 

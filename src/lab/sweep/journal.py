@@ -7,19 +7,20 @@ Optuna writes one JSON record per line under its own lock. Two faults break it:
   and the reader skips bytes that do not decode, keeping a record glued onto them.
 - A mistyped --storage (a PNG, a CSV, a folder) must never be "repaired" as if it were a journal.
 """
+import contextlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
 
-from optuna.storages.journal import JournalFileBackend
-from optuna.storages.journal._file import get_lock_file  # the lock append_logs itself takes
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 from lab.errors import LabError
+from lab.private import JOURNAL_RECORD_START as RECORD_START  # Optuna's record format: lab/private.py
+from lab.private import journal_bytes
 
 log = logging.getLogger(__name__)
-RECORD_START = b'{"op_code":'  # every record Optuna writes (json.dumps with separators=(",", ":"))
 
 
 def check(path: Path) -> None:
@@ -58,14 +59,16 @@ class Journal(JournalFileBackend):
     """Record numbers count decoded records, not lines, so that every process replays the same study."""
 
     def __init__(self, file_path: str, lock_obj=None):
-        super().__init__(file_path, lock_obj)
+        # The lock and path JournalFileBackend keeps (its default lock), held here too: its own are private.
+        self.path, self.lock = file_path, lock_obj or JournalFileSymlinkLock(file_path)
+        super().__init__(file_path, self.lock)
         self._offsets: dict[int, int] = {0: 0}  # record number -> byte offset of the line it starts on
         self._warned: set[int] = set()
 
     def read_logs(self, log_number_from: int):
         number = max((n for n in self._offsets if n <= log_number_from), default=0)
         offset = self._offsets[number]
-        with open(self._file_path, "rb") as f:
+        with open(self.path, "rb") as f:
             f.seek(offset)
             for line in f:
                 if not line.endswith(b"\n"):
@@ -74,7 +77,7 @@ class Journal(JournalFileBackend):
                 if torn and offset not in self._warned:
                     self._warned.add(offset)
                     log.warning("journal %s: %d torn bytes at byte %d skipped (a write cut short, e.g. disk full)%s",
-                                self._file_path, len(torn), offset, "; the record after them is kept" if record else "")
+                                self.path, len(torn), offset, "; the record after them is kept" if record else "")
                 offset += len(line)
                 if record is None:
                     self._offsets[number] = offset  # nothing to replay here: record `number` starts further on
@@ -84,10 +87,19 @@ class Journal(JournalFileBackend):
                     yield record
                 number += 1
 
+    @contextlib.contextmanager
+    def locked(self):
+        """The lock JournalFileBackend.append_logs itself takes (BaseJournalFileLock's acquire/release)."""
+        self.lock.acquire()
+        try:
+            yield
+        finally:
+            self.lock.release()
+
     def append_logs(self, logs: list[dict]) -> None:
-        data = ("\n".join(json.dumps(r, separators=(",", ":")) for r in logs) + "\n").encode()
-        with get_lock_file(self._lock):
-            fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND)
+        data = journal_bytes(logs)
+        with self.locked():
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             start = os.lseek(fd, 0, os.SEEK_END)
             try:
                 view = memoryview(data)
@@ -99,7 +111,7 @@ class Journal(JournalFileBackend):
                     os.ftruncate(fd, start)
                 except OSError:
                     log.warning("journal %s: could not cut back a failed write; readers skip its bytes",
-                                self._file_path)
+                                self.path)
                 raise
             finally:
                 os.close(fd)

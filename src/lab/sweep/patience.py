@@ -15,10 +15,10 @@ import threading
 import time
 
 from optuna.storages import BaseStorage
-from optuna.storages._heartbeat import BaseHeartbeat  # the interface Optuna's heartbeat thread needs; no public name
 
 from lab import settings
 from lab.errors import LabError
+from lab.private import BaseHeartbeat  # the interface Optuna's heartbeat thread needs (lab/private.py)
 from lab.sweep import liveness
 from lab.uris import mask_password
 

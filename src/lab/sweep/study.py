@@ -12,10 +12,10 @@ import zlib
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage, _CachedStorage
+from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import TrialState
 
-from lab import settings
+from lab import private, settings
 from lab.errors import LabError
 from lab.sweep import journal, patience, warm
 from lab.sweep.objectives import objectives
@@ -57,7 +57,7 @@ def open_storage(storage: str, repair: bool = False, create: bool = True):
             # A database server can restart under a running sweep: every call waits it out (patience.py), on
             # connections checked before use (a restart leaves the pooled ones dead).
             rdb = RDBStorage(storage, **settings.rdb_timing(), engine_kwargs={"pool_pre_ping": True})
-            return patience.PatientStorage(_CachedStorage(rdb), storage)
+            return patience.PatientStorage(private.CachedStorage(rdb), storage)
         except Exception as err:  # noqa: BLE001 - unreachable server, bad driver, bad URL
             raise LabError(f"cannot open Optuna storage {mask_password(storage)}: {err}") from err
     path = Path(storage)
@@ -104,10 +104,10 @@ def adopt(sweep: Sweep, study: optuna.Study) -> None:
 
 
 class GridSampler(optuna.samplers.GridSampler):
-    """Optuna's grid, run by ask/tell workers across launches.
+    """Optuna's grid, run by ask/tell workers across launches (its internals: lab/private.py).
 
     - after_trial: Optuna's calls study.stop() once the grid is done, which raises outside optimize(); the
-      workers stop on their own when every combination has run (exhausted()).
+      workers stop on their own when every combination has run (is_exhausted()).
     - A combination that is running is not handed out again.
     - A combination whose trial failed in an earlier launch counts as not yet run, so that rerunning the
       sweep after fixing the cause (missing data, say) runs exactly those again. Within one launch a failed
@@ -117,24 +117,24 @@ class GridSampler(optuna.samplers.GridSampler):
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         # Optuna's gives trial k < grid size grid id k without looking at what ran (an enqueued or retried
         # trial takes a number too): every new trial takes a combination that has not run.
-        if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
+        if private.GRID_ID in trial.system_attrs or private.FIXED_PARAMS in trial.system_attrs:
             return
-        target = self._get_unvisited_grid_ids(study) or list(range(len(self._all_grids)))
-        study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)  # noqa: SLF001
-        study._storage.set_trial_system_attr(trial._trial_id, "grid_id", int(self._rng.rng.choice(target)))  # noqa: SLF001
+        target = self.unvisited(study) or list(range(len(private.grid_cells(self))))
+        private.assign_grid_cell(study, trial, self, target)
 
     def after_trial(self, study, trial, state, values) -> None:
         pass
 
-    def _get_unvisited_grid_ids(self, study: optuna.Study) -> list[int]:
+    def unvisited(self, study: optuna.Study) -> list[int]:
+        """The grid ids of the combinations that have not run and are not running."""
         launch = study.user_attrs.get(LAUNCH_ATTR, -1)
         visited, running = set(), set()
-        for t in study._storage.get_all_trials(study._study_id, deepcopy=False):  # noqa: SLF001 - as Optuna's own
+        for t in study.get_trials(deepcopy=False):  # the storage's trials, as Optuna's own reads them
             # The params say which combination ran; a grid id alone may come from a study whose workers
             # shuffled the grid each their own way (lab before it gave every worker the same seed).
-            grid_id = self._grid_id_of(t.params or t.system_attrs.get("fixed_params", {}))
+            grid_id = self._grid_id_of(t.params or t.system_attrs.get(private.FIXED_PARAMS, {}))
             if grid_id is None:
-                grid_id = t.system_attrs.get("grid_id")
+                grid_id = t.system_attrs.get(private.GRID_ID)
             if grid_id is None:
                 continue
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and t.number > launch):
@@ -143,16 +143,17 @@ class GridSampler(optuna.samplers.GridSampler):
                 running.add(grid_id)
         # Optuna falls back to the running combinations here (for workers that cannot wait); lab's workers
         # wait for them instead, so that each combination runs once.
-        return sorted(set(range(len(self._all_grids))) - visited - running)
+        return sorted(set(range(len(private.grid_cells(self)))) - visited - running)
 
     def _grid_id_of(self, params: dict) -> int | None:
-        if set(params) != set(self._param_names):
+        names = private.grid_names(self)
+        if set(params) != set(names):
             return None
-        cell = tuple(params[name] for name in self._param_names)
-        return next((i for i, grid in enumerate(self._all_grids) if tuple(grid) == cell), None)
+        cell = tuple(params[name] for name in names)
+        return next((i for i, grid in enumerate(private.grid_cells(self)) if tuple(grid) == cell), None)
 
-    def exhausted(self, study: optuna.Study) -> bool:
-        return not self._get_unvisited_grid_ids(study)
+    def is_exhausted(self, study: optuna.Study) -> bool:
+        return not self.unvisited(study)
 
 
 def make_sampler(sweep: Sweep, worker_id: str | None = None, trials_before: int = 0) -> optuna.samplers.BaseSampler:

@@ -20,6 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from lab import private
 from lab.errors import Interrupted
 from lab.sweep import budget, liveness, patience, reachability, records
 from lab.sweep import stop as stop_rules
@@ -38,9 +39,7 @@ CUDA_FATAL = getattr(torch, "AcceleratorError", ())  # torch >= 2.8 raises it fo
 def heartbeat(study: optuna.Study, trial: optuna.Trial):
     """Optuna's own heartbeat thread, which optimize() runs around each trial and ask/tell must start itself
     (a no-op thread where the storage keeps no heartbeats, as a journal file)."""
-    from optuna.storages._heartbeat import get_heartbeat_thread  # optimize()'s; no public name yet
-
-    thread = get_heartbeat_thread(trial._trial_id, study._storage)  # noqa: SLF001
+    thread = private.heartbeat_thread(study, trial)
     thread.start()
     try:
         yield
@@ -69,7 +68,7 @@ def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str,
         state, reason = TrialState.PRUNED, str(pruned)
     except Interrupted as stop:
         reason = f"interrupted by {describe(stop)}"
-        budget.retry(study, study._storage.get_trial(trial._trial_id), reason)  # noqa: SLF001
+        budget.retry(study, budget.stored(study, trial), reason)
         records.tag_run(uri, trial, "INTERRUPTED", reason)
         records.end_if_running(uri, trial, "KILLED")
         raise
@@ -99,7 +98,7 @@ def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str,
     except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
         # Another process ended it meanwhile: this worker was taken for dead (stopped, hung, its heartbeat
         # late) and the trial was failed and queued again. Its record stands; this result is dropped.
-        frozen = study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+        frozen = budget.stored(study, trial)
         if not frozen.state.is_finished():
             raise
         if frozen.state == state and (state != TrialState.FAIL or budget.fail_reason(frozen) == reason[:2000]):
@@ -194,7 +193,7 @@ def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: fl
         except Interrupted as stop:
             # Between the ask and the trial's own handling (run_one queues its trial again itself).
             if trial is not None:
-                frozen = study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+                frozen = budget.stored(study, trial)
                 if frozen.state == TrialState.RUNNING:
                     budget.retry(study, frozen, f"interrupted by {describe(stop)}")
             raise

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
+from lab import private
 from lab.errors import LabError
 from lab.train.module import Classifier, probabilities
 
@@ -116,12 +117,11 @@ def _tracking(uri: str):
     as it was, $MLFLOW_TRACKING_URI included: MLflow's own _use_tracking_uri deletes that variable on the way
     out, and a sweep worker's next trial would then log to ./mlflow.db."""
     import mlflow
-    from mlflow.tracking._tracking_service import utils
 
     if mlflow.get_tracking_uri() == uri:
         yield
         return
-    before, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    before, env = private.tracking_uri_set(), os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield

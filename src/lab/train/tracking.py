@@ -219,6 +219,7 @@ def log_dataset(client: MlflowClient, run_id: str, datamodule, name: str, source
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset as DatasetEntity
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -252,7 +253,10 @@ def log_dataset(client: MlflowClient, run_id: str, datamodule, name: str, source
         def to_dict(self):
             return {**super().to_dict(), "profile": json.dumps(profile)}
 
-    entity = Profiled(src, name=name, digest=digest)._to_mlflow_entity()
+    # What Dataset._to_mlflow_entity() does, through the public entity and to_dict().
+    fields = Profiled(src, name=name, digest=digest).to_dict()
+    entity = DatasetEntity(name=fields["name"], digest=fields["digest"], source_type=fields["source_type"],
+                           source=fields["source"], schema=fields.get("schema"), profile=fields.get("profile"))
     inputs = [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, "train")])]
     for attempt in range(5):
         try:
