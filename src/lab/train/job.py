@@ -263,6 +263,33 @@ def after_test(cfg: DictConfig, client, run_id: str, uri: str, trainer: pl.Train
     return costs
 
 
+def test_and_record(cfg: DictConfig, client, run_id: str, uri: str, trainer: pl.Trainer, datamodule, model,
+                    best: str | None, weights: str, epoch: int, require: str | None, trained: dict[str, float]
+                    ) -> dict[str, float]:
+    """Test the weights `best` (None: the model's own) and record what a run records after training; returns
+    the test, per-class and cost metrics. trained: the last epoch's metrics, which `require` may name. Shared by
+    run() and the stacked runs (stack_run.py), whose members are tested as one-model runs."""
+    client.set_tag(run_id, "lab.tested", weights)
+    test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
+    results = {k: float(v) for k, v in test.items()}
+    tracking.log_test_report(client, run_id, model.test_report, step=epoch)
+    if best:
+        client.set_tag(run_id, "checkpoint", best)
+    results.update({f"test/f1/{k}": v["f1"] for k, v in model.test_report["classes"].items()})
+    best_at = best_epoch(best)
+    if best_at is not None:
+        client.set_tag(run_id, "lab.best_epoch", str(best_at))  # what `lab train`'s summary prints
+        client.set_tag(run_id, "lab.monitor", str(cfg.monitor.metric))
+    results["model/params"] = float(sum(p.numel() for p in model.net.parameters()))
+    results.update(after_test(cfg, client, run_id, uri, trainer, datamodule, model, epoch))
+    every = {**trained, **results}
+    if require is not None and require not in every:
+        raise LabError(f"metric {require!r} was not logged; logged: {sorted(every)}")
+    if require is not None and not math.isfinite(every[require]):  # Optuna would store inf as COMPLETE
+        raise Diverged(f"{require} is {every[require]}")
+    return results
+
+
 def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = (), parent_run_id: str | None = None,
         run_name: str | None = None, tags: dict[str, str] | None = None, on_run=None,
         resume_from: str | None = None, require: str | None = None) -> dict[str, float]:
@@ -319,23 +346,8 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
             trainer.validate(model, datamodule=datamodule, verbose=False)
         results = {k: float(v) for k, v in trainer.callback_metrics.items()}
         best, weights = checkpoints.best_or_last(checkpoint.best_model_path)
-        client.set_tag(run_id, "lab.tested", weights)
-        test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
-        results.update({k: float(v) for k, v in test.items()})
-        tracking.log_test_report(client, run_id, model.test_report, step=trainer.current_epoch)
-        if best:
-            client.set_tag(run_id, "checkpoint", best)
-        results.update({f"test/f1/{k}": v["f1"] for k, v in model.test_report["classes"].items()})
-        epoch = best_epoch(best)
-        if epoch is not None:
-            client.set_tag(run_id, "lab.best_epoch", str(epoch))  # what `lab train`'s summary prints
-            client.set_tag(run_id, "lab.monitor", str(cfg.monitor.metric))
-        results["model/params"] = float(sum(p.numel() for p in model.net.parameters()))
-        results.update(after_test(cfg, client, run_id, uri, trainer, datamodule, model, trainer.current_epoch))
-        if require is not None and require not in results:
-            raise LabError(f"metric {require!r} was not logged; logged: {sorted(results)}")
-        if require is not None and not math.isfinite(results[require]):  # Optuna would store inf as COMPLETE
-            raise Diverged(f"{require} is {results[require]}")
+        results.update(test_and_record(cfg, client, run_id, uri, trainer, datamodule, model, best, weights,
+                                       trainer.current_epoch, require, results))
     log.info("run %s: %s", run_id, {k: round(v, 4) for k, v in results.items() if "/f1/" not in k})
     return results
 
