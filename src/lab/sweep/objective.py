@@ -131,6 +131,11 @@ def run_seeded(sweep: Sweep, trial: optuna.Trial, parent_run_id: str | None, cfg
         trial.set_user_attr("mlflow_run_id", run_id)
         tracking.log_config(client, run_id, cfg)  # the trial's params, comparable across trials in MLflow's table
         per_seed = [client.get_run(rid).data.metrics for rid in runs.values()]  # carried seeds, as logged
+        from lab.sweep import stacking  # the seeds left, as one stack
+
+        if stacking.stacks_seeds(sweep.spec) and k - len(values) > 1:
+            stacking.seeds_together(trial, cfg, tags, run_id, trial_dir, len(values), k, metric, per_seed, runs,
+                                    values, (Progress(),))
         for i in range(len(values), k):
             seed = int(cfg.seed) + i
             seed_cfg = cfg.copy()

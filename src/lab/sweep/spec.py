@@ -74,6 +74,12 @@ class SweepSpec:
     objectives: list[ObjectiveSpec] = field(default_factory=list)
     constraints: dict[str, BoundSpec] = field(default_factory=dict)  # metric -> {min, max}
     launcher: dict[str, Any] = field(default_factory=dict)  # --launcher slurm's settings (sweep/slurm/settings.py)
+    # Up to this many trials of one structure (same net, sizes, epochs, optimizer class, data) train as one
+    # vectorised stack in a worker, each its own trial (sweep/stacking.py); auto: measured (stacking.auto_size).
+    stack: Any = 1
+    # A seeded trial's seeds as one stack (unless the pruner is wilcoxon); false: one after another, each seed
+    # resumable from its own last.ckpt when its worker dies.
+    stack_seeds: bool = True
 
 
 def encode_choice(value: Any) -> Any:
@@ -284,13 +290,14 @@ def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None
     check_objectives(spec, raw, path)
     check_spec(spec, path)
     check_seeds(spec, path)
+    check_stack(spec, path)
     stop_rules.check(spec.stop, path)
     warm.check(spec.warm_start, path)
     space = {name: distribution(name, p) for name, p in spec.params.items()}
     exp = [f"experiment={spec.experiment}"] if spec.experiment else []
     sweep = Sweep(spec, path, space, merge_overrides(exp, spec.overrides, list(extra_overrides)), list(extra_overrides),
                   typed=typed)
-    sweep.notes += seed_notes(spec)
+    sweep.notes += seed_notes(spec) + stack_notes(spec)
     for i, values in enumerate(spec.enqueue):
         for name, value in values.items():
             if name not in space:
@@ -355,6 +362,39 @@ def check_seeds(spec: SweepSpec, path: Path) -> None:
     if spec.seeds > 1 and len(spec.objectives) > 1:
         raise LabError(f"{path}: seeds={spec.seeds} with several objectives is not supported yet: use seeds: 1, "
                        "or one objective.")
+
+
+def check_stack(spec: SweepSpec, path: Path) -> None:
+    """stack: a whole number >= 1 or auto; not with seeds (they stack already) nor a grid (its combinations are
+    fixed, while a stack's other members are sampled with the first one's structure)."""
+    n = spec.stack
+    if n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise LabError(f"{path}: stack={n!r} is not valid: give how many trials of one structure train together as "
+                       "one stack (1: each alone, e.g. 8), or auto (measured when the sweep starts).")
+    if n != 1 and spec.seeds > 1:
+        raise LabError(f"{path}: stack={n} with seeds={spec.seeds} is not supported: each trial's seeds already train "
+                       "as one stack; use stack: 1.")
+    if n != 1 and spec.sampler.get("name") == "grid":
+        raise LabError(f"{path}: stack={n} does not work with sampler grid, whose combinations are fixed in advance: "
+                       "use stack: 1, or a sampler that samples (tpe, random, qmc).")
+
+
+def stack_notes(spec: SweepSpec) -> list[str]:
+    """Which of the two a seeded sweep does, said before it starts: seeds as one stack, or one after another
+    for the Wilcoxon pruner (it stops a trial between seeds)."""
+    notes = []
+    if spec.seeds > 1 and not spec.stack_seeds:
+        notes.append(f"seeds: {spec.seeds} train one after another (stack_seeds: false).")
+    elif spec.seeds > 1 and spec.pruner.get("name", "none") == "wilcoxon":
+        notes.append(f"seeds: {spec.seeds} train one after another, not as one stack: pruner wilcoxon decides "
+                     "between seeds, which seeds that train together would not leave it.")
+    elif spec.seeds > 1:
+        notes.append(f"seeds: {spec.seeds} of each trial train as one stack (pruner {spec.pruner.get('name', 'none')} "
+                     "does not decide between seeds; the Wilcoxon pruner would train them one after another).")
+    if spec.stack != 1:
+        notes.append(f"stack: {spec.stack}: a worker trains up to {spec.stack if spec.stack != 'auto' else 'N'} "
+                     "trials of one structure as one stack, each its own trial with its own pruning.")
+    return notes
 
 
 def seed_notes(spec: SweepSpec) -> list[str]:
