@@ -1,5 +1,6 @@
 """Stacks in real sweeps (sweep/stacking.py): seeds of a trial as one stack, `stack: N` trials as one stack, read
 back through Optuna and MLflow."""
+import json
 import statistics
 
 import pytest
@@ -36,3 +37,55 @@ def test_a_seeded_trial_trains_its_seeds_as_one_stack(lab, workdir, sweep_file, 
     best = lab("best", tmp / "s.yaml")
     assert best.returncode == 0, best.stdout + best.stderr
     assert "over 3 seeds" in best.stdout
+
+
+TRIALS = """metric: val/acc
+n_trials: 4
+stack: 3
+sampler: {name: random, seed: 0}
+params:
+  model.optimizer.lr: {type: float, low: 1.0e-3, high: 3.0e-2, log: true}
+  model.net.hidden: {type: categorical, choices: [[16], [32]]}
+"""
+
+
+@pytest.mark.slow
+def test_stacked_trials_through_best_replay_confirm_and_report(lab, workdir, sweep_file, journal):
+    """stack: 3 over 4 trials: one stack of 3 trials sharing the first one's width, then one alone (the budget
+    holds). Each is its own trial and run; `lab best`'s replay trains the best alone and gets its value."""
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    tmp, env = workdir
+    path = sweep_file(tmp / "t.yaml", "stacked_trials", TRIALS)
+    done = lab("sweep", path, "--workers", "1", "--no-live")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "stack: 3: a worker trains up to 3 trials of one structure as one stack" in done.stdout
+    study = journal(tmp, "stacked_trials")
+    trials = study.trials
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    stacked = [t for t in trials if t.user_attrs.get("lab.stacked_with") == 0]
+    assert [t.number for t in stacked] == [0, 1, 2]
+    assert len({json.dumps(t.params["model.net.hidden"]) for t in stacked}) == 1  # one structure
+    assert len({t.params["model.optimizer.lr"] for t in stacked}) == 3  # its own values
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    for t in trials:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.info.run_name == f"trial-{t.number}"
+        assert run.data.metrics["val/acc"] == pytest.approx(t.value)
+        assert (run.data.tags.get("lab.stacked") == "true") == (t.number < 3)
+        assert "checkpoint" in run.data.tags
+
+    best = lab("best", path, "--trial", "1")  # a member of the stack, not its first
+    assert best.returncode == 0, best.stdout + best.stderr
+    replay = lab("train", "experiment=stacked_trials_trial1", "mlflow.experiment=replay",
+                 "trainer.enable_progress_bar=false")
+    assert replay.returncode == 0, replay.stderr
+    (run,) = client.search_runs([client.get_experiment_by_name("replay").experiment_id])
+    assert "lab.stacked" not in run.data.tags  # trained alone
+    assert run.data.metrics["val/acc"] == pytest.approx(trials[1].value, abs=1e-4)
+
+    confirm = lab("confirm", path, "--top", "1", "--seeds", "2")
+    assert confirm.returncode == 0, confirm.stdout + confirm.stderr
+    report = lab("report", path)
+    assert report.returncode == 0, report.stdout + report.stderr

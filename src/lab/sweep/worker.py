@@ -147,7 +147,7 @@ def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: fl
     """Returns the number of trials this worker ran; raises FailureLimit when the sweep's failure limit stops
     it. The command installs the signal handlers that turn SIGINT/SIGTERM into Interrupted."""
     # Not at the top: Lightning costs ~7 s of imports, paid here before a trial's clock starts.
-    from lab.sweep import objective
+    from lab.sweep import objective, stacking
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     uri = tracking.tracking_uri()
@@ -159,7 +159,7 @@ def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: fl
     threads = threads or torch.get_num_threads()
     host, ran = socket.gethostname(), 0
     while True:
-        trial = None
+        trial, mates = None, []  # mates: the trials that train in one stack with it (`stack: N`)
         liveness.training(False)
         try:
             with signals_held(), budget.budget_lock(storage, sweep.spec.study):
@@ -186,18 +186,20 @@ def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: fl
                                        "checkpoint_dir": str(out_dir / f"trial_{trial.number:04d}" / "checkpoints"),
                                        }.items():
                         trial.set_user_attr(key, value)
+                    mates = stacking.ask_mates(sweep, study, trial, out_dir)
             if trial is None:
                 time.sleep(IDLE_POLL_S)
                 continue
-            state = run_one(sweep, study, trial, parent, uri, objective.run_trial)
+            state = (stacking.run_stack(sweep, study, [trial, *mates], parent, uri, run_one) if mates
+                     else run_one(sweep, study, trial, parent, uri, objective.run_trial))
         except Interrupted as stop:
             # Between the ask and the trial's own handling (run_one queues its trial again itself).
-            if trial is not None:
-                frozen = budget.stored(study, trial)
+            for asked in [trial, *mates] if trial is not None else []:
+                frozen = budget.stored(study, asked)
                 if frozen.state == TrialState.RUNNING:
                     budget.retry(study, frozen, f"interrupted by {describe(stop)}")
             raise
-        ran += 1
+        ran += 1 + len(mates)
         log.info("trial %d %s", trial.number, state)
         records.update_best(MlflowClient(uri), parent, study)
     return ran
