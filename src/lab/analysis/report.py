@@ -23,7 +23,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from lab import figures, uris
 from lab.analysis import results
-from lab.sweep import budget, ranking, records
+from lab.sweep import budget, ranking, records, trial_record
 from lab.sweep.objectives import MODEL_METRICS
 from lab.sweep.objectives import objectives as objectives_of  # summary() has a local named objectives
 
@@ -132,7 +132,7 @@ def trials_table(sweep, study: optuna.Study, runs: Runs) -> str:
         feasible = (["yes" if ranking.feasible(t) else "no"] if t.constraints else [None]) if constrained else []
         rows.append([t.number, t.state.name, *values, *feasible,
                      round(t.duration.total_seconds(), 1) if t.duration else None, *(t.params.get(n) for n in names),
-                     *runs.cells(t.user_attrs.get("mlflow_run_id")), t.user_attrs.get("fail_reason")])
+                     *runs.cells(trial_record.run_id(t)), t.user_attrs.get("fail_reason")])
     header = ["trial", "state", *objectives, *(["feasible"] if constrained else []), "seconds", *names,
               *runs.header, "reason"]
     return table(header, rows, left=1 + len(runs.header))
@@ -184,7 +184,7 @@ def pareto_section(sweep, study: optuna.Study, plots: Plots, runs: Runs) -> str:
     """The front as `lab best` prints it, and Optuna's plot of it (infeasible trials greyed)."""
     names = names_of(sweep)
     rows = [[t.number, *t.values, "yes" if ranking.feasible(t) else "no",
-             *runs.cells(t.user_attrs.get("mlflow_run_id")), json.dumps(t.params)]
+             *runs.cells(trial_record.run_id(t)), json.dumps(t.params)]
             for t in ranking.front_table(study)]
     parts = [table(["trial", *names, "feasible", *runs.header, "params"], rows, left=1 + len(runs.header)) if rows
              else note("no completed trial on the front yet.")]
@@ -248,7 +248,7 @@ def best_section(client: MlflowClient, uri: str, sweep, study: optuna.Study, run
     best = ranking.best(study)
     if best is None:
         return note(f"none of the {len(complete)} completed trials meets the constraints.")
-    run_id, model_run = best.user_attrs.get("mlflow_run_id"), ranking.model_run_id(best)
+    run_id, model_run = trial_record.run_id(best), ranking.model_run_id(best)
     which = f" (on the Pareto front, best in {names_of(sweep)[0]})" if len(study.directions) > 1 else ""
     parts = [f"<p>Best trial {best.number}{html.escape(which)}: {html.escape(ranking.values_text(names_of(sweep), best))}"
              f", MLflow run {runs.link(run_id)}</p>"]

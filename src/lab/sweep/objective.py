@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from lab import config
 from lab.data import decode
 from lab.errors import StopRun
-from lab.sweep import liveness, scores, seeds
+from lab.sweep import liveness, scores, seeds, trial_record
 from lab.sweep.budget import RESUME_FROM, RETRY_OF
 from lab.sweep.spec import Sweep
 from lab.train import job, tracking
@@ -85,11 +85,11 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, parent_run_id: str | None) -> f
     overrides = trial_overrides(sweep, trial)
     cfg = config.load(overrides)
     trial.set_user_attr("overrides", overrides)
-    tags = {"trial.number": str(trial.number), "study": sweep.spec.study,
+    tags = {**trial_record.run_tags(trial), "study": sweep.spec.study,
             "lab.command": "lab train " + shlex.join(sweep.replay_overrides(trial))}
 
     def record_run(client, run_id):
-        trial.set_user_attr("mlflow_run_id", run_id)
+        trial_record.link(trial, run_id)
 
     resume_from = trial.user_attrs.get(RESUME_FROM)  # set when this trial repeats one that was cut off
     if sweep.spec.seeds > 1:
@@ -128,7 +128,7 @@ def run_seeded(sweep: Sweep, trial: optuna.Trial, parent_run_id: str | None, cfg
     if values:
         run_tags["lab.seeds_carried"] = str(len(values))
     with tracking.run(uri, cfg.mlflow.experiment, f"trial-{trial.number}", parent_run_id, run_tags) as (client, run_id):
-        trial.set_user_attr("mlflow_run_id", run_id)
+        trial_record.link(trial, run_id)
         tracking.log_config(client, run_id, cfg)  # the trial's params, comparable across trials in MLflow's table
         per_seed = [client.get_run(rid).data.metrics for rid in runs.values()]  # carried seeds, as logged
         from lab.sweep import stacking  # the seeds left, as one stack

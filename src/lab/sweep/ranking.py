@@ -1,6 +1,6 @@
 """Which trials are best, for every command that reads a study: single- or multi-objective, any number of seeds.
 
-A trial's MLflow run (user attr mlflow_run_id) holds what the sweep scored it by; the run that holds a trained
+A trial's MLflow run (trial_record.run_id) holds what the sweep scored it by; the run that holds a trained
 model (checkpoint tag, logged model, misclassified images) is model_run_id: the same run with one seed, the
 best seed's run with several (sweep/seeds.py sets it).
 """
@@ -8,9 +8,11 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
+from lab.sweep import seeds, trial_record
+
 
 def model_run_id(trial: optuna.trial.FrozenTrial) -> str | None:
-    return trial.user_attrs.get("model_run_id") or trial.user_attrs.get("mlflow_run_id")
+    return trial.user_attrs.get(seeds.MODEL_RUN) or trial_record.run_id(trial)
 
 
 def feasible(trial: optuna.trial.FrozenTrial) -> bool:

@@ -15,7 +15,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from lab import figures
 from lab.errors import LabError
-from lab.sweep import budget, patience, ranking
+from lab.sweep import budget, patience, ranking, trial_record
 from lab.sweep import study as studies
 from lab.sweep.spec import Sweep
 from lab.train import tracking
@@ -92,13 +92,11 @@ def _parent_run(study: optuna.Study, sweep: Sweep, uri: str, storage: str) -> st
 
 
 def tag_run(uri: str, trial: optuna.trial.FrozenTrial | optuna.Trial, state: str, reason: str | None) -> None:
-    run_id = trial.user_attrs.get("mlflow_run_id")
+    run_id = trial_record.run_id(trial)
     if not run_id:
         return
     client = MlflowClient(uri)
-    client.set_tag(run_id, "trial.state", state)
-    if reason:
-        client.set_tag(run_id, "trial.reason", reason[:5000])
+    trial_record.mark(client, run_id, state, reason)
     if state == "PRUNED":  # the runs table shows names, not tags: a pruned trial's FINISHED run reads as one
         name = client.get_run(run_id).info.run_name or f"trial-{trial.number}"
         if not name.endswith(PRUNED_SUFFIX):
@@ -108,7 +106,7 @@ def tag_run(uri: str, trial: optuna.trial.FrozenTrial | optuna.Trial, state: str
 def end_if_running(uri: str, trial: optuna.trial.FrozenTrial | optuna.Trial, status: str) -> None:
     """A signal can land before tracking.run's own handler is in place, or inside its last write (a slow SQLite
     under load): the trial's run must not stay RUNNING for ever."""
-    run_id = trial.user_attrs.get("mlflow_run_id")
+    run_id = trial_record.run_id(trial)
     if run_id:
         client = MlflowClient(uri)
         if client.get_run(run_id).info.status == "RUNNING":
@@ -117,7 +115,7 @@ def end_if_running(uri: str, trial: optuna.trial.FrozenTrial | optuna.Trial, sta
 
 def end_failed(uri: str, trial: optuna.trial.FrozenTrial, reason: str) -> None:
     """The run of a trial that another process failed ends FAILED too, whatever its worker made of it."""
-    run_id = trial.user_attrs.get("mlflow_run_id")
+    run_id = trial_record.run_id(trial)
     if run_id:
         tag_run(uri, trial, "FAIL", reason)
         MlflowClient(uri).set_terminated(run_id, "FAILED")
@@ -134,8 +132,8 @@ def abandoner(uri: str, max_retries: int):
     max_retries, and end its MLflow run FAILED (nobody else will)."""
 
     def abandon(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        said = MlflowClient(uri).get_run(run_id).data.tags.get("trial.reason", "") if run_id else ""
+        run_id = trial_record.run_id(trial)
+        said = trial_record.said(MlflowClient(uri).get_run(run_id).data.tags) if run_id else ""
         if said.startswith(STORAGE_LOST):  # its worker stopped because the storage was away (worker.storage_lost)
             reason = said
         again = budget.retry(study, trial, reason, max_retries)
@@ -165,10 +163,10 @@ def end_orphaned_runs(client: MlflowClient, parent: str, study: optuna.Study) ->
     ended = 0
     for run in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'",
                                   max_results=10_000):
-        trial = trials.get(int(run.data.tags.get("trial.number", -1)))
+        trial = trials.get(trial_record.number(run.data.tags))
         if trial is not None and trial.state == TrialState.RUNNING:
             continue  # a live trial (its worker may be on another host)
-        own = trial is not None and trial.user_attrs.get("mlflow_run_id") == run.info.run_id
+        own = trial is not None and trial_record.run_id(trial) == run.info.run_id
         finished = own and trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
         client.set_tag(run.info.run_id, "lab.end", f"closed by lab: its trial ended {trial.state.name if own else 'without it'}")
         client.set_terminated(run.info.run_id, "FINISHED" if finished else "FAILED")
@@ -212,8 +210,8 @@ def _write_best(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
     client.set_tag(run_id, "best_trial", str(best.number))
     client.set_tag(run_id, "best_params", json.dumps(best.params))
     client.set_tag(run_id, "best_value", f"{best.value:.6g}")
-    if best.user_attrs.get("mlflow_run_id"):
-        client.set_tag(run_id, "best_run_id", best.user_attrs["mlflow_run_id"])
+    if trial_record.run_id(best):
+        client.set_tag(run_id, "best_run_id", trial_record.run_id(best))
 
 
 def log_summary(client: MlflowClient, run_id: str, study: optuna.Study) -> list[str]:

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from lab import private, settings
 from lab.errors import LabError
-from lab.sweep import journal, patience, warm
+from lab.sweep import journal, patience, trial_record, warm
 from lab.sweep.objectives import objectives
 from lab.sweep.spec import Sweep, grid_values, override_key, same_overrides
 from lab.uris import is_rdb, mask_password
@@ -296,5 +296,5 @@ def trial_table(study: optuna.Study) -> list[dict]:
                      "constraints": json.dumps(t.constraints) if t.constraints else None,
                      "duration_s": t.duration.total_seconds() if t.duration else None,
                      "worker": t.user_attrs.get("worker"), "reason": t.user_attrs.get("fail_reason"),
-                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "params": json.dumps(t.params)})
+                     trial_record.RUN_ID: trial_record.run_id(t), "params": json.dumps(t.params)})
     return rows
