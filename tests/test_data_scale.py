@@ -171,7 +171,7 @@ def test_lab_data_cache_lists_and_clears(tmp_path, image_folder, lab):
     folder_dm(root, tmp_path).setup("fit")
     listed = lab("data", "cache", "--dir", tmp_path / "cache")
     assert listed.returncode == 0, listed.stderr
-    assert "1 decoded folder(s)" in listed.stdout and str(root) in listed.stdout and "30x3x16x16" in listed.stdout
+    assert "1 decoded folder(s)" in listed.stdout and str(root) in listed.stdout and "24x3x16x16" in listed.stdout
     cleared = lab("data", "cache", "--dir", tmp_path / "cache", "--clear")
     assert cleared.returncode == 0 and "removed 1 decoded folder(s)" in cleared.stdout
     assert cache.entries(tmp_path / "cache") == []

@@ -106,16 +106,23 @@ def to_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
 
 
 def channel_stats(split: Split, limit: int = STATS_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (unbiased) std of pixel values in 0..1, summed in float64 chunk by chunk."""
+    """Per-channel mean and (unbiased) std of pixel values in 0..1, of the split's first `limit` images.
+
+    From per-channel histograms of the uint8 values: exact integer counts, no float copy of any chunk (a
+    float64 sum of a 224-px folder took ~10x longer), and the rows are read in the store's order, so a mapped
+    cache is read front to back instead of page-faulted at random."""
     channels = split.store.shape[1]
-    total, squares, count = torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64), 0
-    for chunk in split.chunks(limit):
-        f = chunk.float().div_(255)
-        total += f.sum(dim=(0, 2, 3), dtype=torch.float64)
-        squares += f.square_().sum(dim=(0, 2, 3), dtype=torch.float64)
-        count += f.numel() // channels
-    mean = total / count
-    var = (squares - count * mean.square()) / max(1, count - 1)
+    rows = split.index[:limit].sort().values
+    step = max(1, CHUNK_BYTES // max(1, split.store[0].numel()))
+    hist = torch.zeros(channels, 256, dtype=torch.int64)
+    for start in range(0, len(rows), step):
+        chunk = split.store.index_select(0, rows[start : start + step])  # (n, C, H, W) uint8
+        for c in range(channels):
+            hist[c] += torch.bincount(chunk[:, c].reshape(-1), minlength=256)
+    values = torch.arange(256, dtype=torch.float64) / 255
+    count = hist.sum(1).double()
+    mean = (hist * values).sum(1) / count
+    var = ((hist * values.square()).sum(1) - count * mean.square()) / (count - 1).clamp_min(1)
     return mean.float(), var.clamp_min(0).sqrt().float()
 
 
@@ -292,7 +299,7 @@ class TensorDataModule(pl.LightningDataModule):
         if training:
             x = self.augment(x)
         mean, std = self._stats_on(x.device)
-        x = (x - mean) / std
+        x = x.sub_(mean).div_(std)  # in place: x is this call's own float copy (two more per batch otherwise)
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

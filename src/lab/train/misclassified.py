@@ -9,6 +9,7 @@ import io
 import math
 
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 DPI = 80
@@ -45,6 +46,14 @@ def table(records: list[dict]) -> str:
     return buf.getvalue()
 
 
+def shrink(image: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """uint8 (C, H, W) -> uint8 (C, h, w), antialiased; unchanged when it has that size already."""
+    if image.shape[1:] == (h, w):
+        return image
+    out = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
 def grid(images: torch.Tensor, records: list[dict], columns: int = 8) -> Figure:
     """A matplotlib figure: one tile per record, titled 'true -> predicted (p=0.93)'. images: uint8 (N, C, H, W)
     of the test split as stored (before normalisation: nothing to undo). One mosaic drawn by one imshow: 80
@@ -52,14 +61,18 @@ def grid(images: torch.Tensor, records: list[dict], columns: int = 8) -> Figure:
     n = len(records)
     cols = min(columns, n)
     nrows = math.ceil(n / cols)
+    tile = 1.4  # inches per tile's width: room for "T-shirt/top -> Ankle boot" at 7 pt
     c, h, w = images.shape[1:]
+    # Tiles shrunk to the pixels they are drawn at (1.4 in x 80 dpi = 112): matplotlib would resample a 224-px
+    # mosaic itself, through float64 RGBA copies (~250 MB for 40 tiles, per process, at once in a sweep).
+    scale = min(1.0, round(tile * DPI) / max(h, w))
+    h, w = max(1, round(h * scale)), max(1, round(w * scale))
     band = max(1, round(0.5 * h))  # white space above each tile for its two-line title
     pad = max(1, w // 10)
     canvas = torch.full((nrows * (band + h), cols * (w + pad), c), 255, dtype=torch.uint8)
     for k, r in enumerate(records):
         top, left = (k // cols) * (band + h) + band, (k % cols) * (w + pad)
-        canvas[top : top + h, left : left + w] = images[r["index"]].cpu().permute(1, 2, 0)  # (H, W, C)
-    tile = 1.4  # inches per tile's width: room for "T-shirt/top -> Ankle boot" at 7 pt
+        canvas[top : top + h, left : left + w] = shrink(images[r["index"]].cpu(), h, w).permute(1, 2, 0)  # (H, W, C)
     fig = Figure(figsize=(tile * cols, tile * nrows * (band + h) / w + 0.4), dpi=DPI)  # no pyplot state
     ax = fig.subplots()
     gray = c == 1
