@@ -265,9 +265,9 @@ class Stack:
         label smoothing, by the Classifier's own loss."""
         a, b = y.shape
         if self.same_loss:
-            per = self.models[self.active[0]]._loss(out.flatten(0, 1), y.flatten(), reduction="none").view(a, b)
+            per = self.models[self.active[0]]._loss(out.flatten(0, 1), y.flatten(), reduction="none").view(a, b)  # noqa: SLF001 - the Classifier's own loss
             return per.mean(1) if reduction == "mean" else per
-        return torch.stack([self.models[i]._loss(out[k], y[k], reduction=reduction) for k, i in enumerate(self.active)])
+        return torch.stack([self.models[i]._loss(out[k], y[k], reduction=reduction) for k, i in enumerate(self.active)])  # noqa: SLF001
 
     def correct(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = self.models[0].class_logits(out.flatten(0, 1))
@@ -316,7 +316,7 @@ class Stack:
                 out = self._eval_forward(params, buffers, x)
             for k, i in enumerate(self.active):
                 m = self.models[i]
-                m.val_loss.update(m._loss(out[k], y, reduction="none"))
+                m.val_loss.update(m._loss(out[k], y, reduction="none"))  # noqa: SLF001 - the Classifier's own loss
                 m.val_metrics.update(m.class_logits(out[k]), y)
         metrics = {}
         for i in self.active:
@@ -389,7 +389,7 @@ class Stack:
                 self.template.eval()
                 with torch.no_grad(), self.autocast():
                     self._eval_forward(self.stacked(), buffers, x)
-        except Exception as err:  # noqa: BLE001 - any failure under vmap means: train them one at a time
+        except Exception as err:  # any failure under vmap means: train them one at a time
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise CannotStack(f"vmap cannot run {type(self.template).__name__}: {first[:300]}") from err
         finally:

@@ -44,7 +44,7 @@ class Member:
     # Filled while it trains:
     client: Any = None
     run_id: str | None = None
-    _cm: Any = None
+    open_cm: Any = None  # its tracking.run context, entered while it trains
     best: tuple[float, str] | None = None  # (monitored value, checkpoint path)
     trained: dict[str, float] = field(default_factory=dict)  # its last epoch's metrics
     wait: int = 0  # epochs without improvement (early stopping)
@@ -130,11 +130,11 @@ def run(members: list[Member], callbacks: tuple = (), pulse: Callable[[], None] 
 
 
 def open_run(m: Member, datamodule, model, uri: str) -> None:
-    m._cm = tracking.run(uri, m.cfg.mlflow.experiment, m.run_name, m.parent_run_id,
+    m.open_cm = tracking.run(uri, m.cfg.mlflow.experiment, m.run_name, m.parent_run_id,
                          {"seed": str(m.cfg.seed), "data": datamodule.name, "model": type(model.net).__name__,
                           "lab.stacked": "true", **m.tags},
                          name_prefix=job.run_name_prefix(m.cfg, datamodule, model))
-    m.client, m.run_id = m._cm.__enter__()
+    m.client, m.run_id = m.open_cm.__enter__()
     if m.on_run is not None:
         m.on_run(m.client, m.run_id)
     tracking.log_config(m.client, m.run_id, m.cfg)
@@ -152,7 +152,7 @@ def open_run(m: Member, datamodule, model, uri: str) -> None:
 
 def close_run(m: Member, err: BaseException | None) -> None:
     """End the member's run as tracking.run ends one: FINISHED, KILLED on an interrupt, FAILED on an error."""
-    cm, m._cm = m._cm, None
+    cm, m.open_cm = m.open_cm, None
     if cm is None:
         return
     if err is None:
@@ -160,7 +160,7 @@ def close_run(m: Member, err: BaseException | None) -> None:
         return
     try:
         cm.__exit__(type(err), err, err.__traceback__)
-    except BaseException as raised:  # noqa: BLE001 - tracking.run re-raises what it was given
+    except BaseException as raised:  # tracking.run re-raises what it was given
         if raised is not err:
             raise
 
@@ -250,11 +250,11 @@ def train(stack: Stack, datamodule, members: list[Member], callbacks: tuple, pul
                 stack.scheduler.step()
         stack.sync()
         for i, m in enumerate(members):
-            if m._cm is not None:
+            if m.open_cm is not None:
                 end(m, test_member(stack, datamodule, m, i, callbacks, uri))
     except BaseException as err:
         for m in members:
-            if m._cm is not None:
+            if m.open_cm is not None:
                 m.outcome = err
                 close_run(m, err)
         raise
