@@ -31,7 +31,7 @@ test-fast: install
 
 # The fast tests on the lowest versions pyproject.toml declares for Optuna and MLflow (whose private names
 # lab/private.py holds), in a venv of their own; `make test-fast` runs them on the highest that install.
-LOWEST ?= 'optuna==4.9.0' 'mlflow[auth]==3.1.0'
+LOWEST ?= 'optuna==5.0.0' 'mlflow[auth]==3.11.1'
 LOWEST_VENV ?= .venv-lowest
 
 test-lowest:

@@ -127,15 +127,15 @@ def checkpoint_cost(overrides: list[str]) -> None:
     for every_s in (0, 60):
         log = {"s": 0.0, "bytes": 0, "saves": 0}
 
-        def save(self, filepath, *args, **kwargs):
+        def save(self, filepath, *args, _log=log, **kwargs):  # this iteration's log, bound now
             start = time.perf_counter()
             real_save(self, filepath, *args, **kwargs)
-            log["s"] += time.perf_counter() - start
-            log["bytes"] += Path(filepath).stat().st_size
-            log["saves"] += 1
+            _log["s"] += time.perf_counter() - start
+            _log["bytes"] += Path(filepath).stat().st_size
+            _log["saves"] += 1
 
         epochs = []
-        cb = type("Epochs", (pl.Callback,), {"on_validation_end": lambda s, t, m: epochs.append(t.current_epoch)})()
+        cb = type("Epochs", (pl.Callback,), {"on_validation_end": lambda s, t, m, seen=epochs: seen.append(t.current_epoch)})()
         tmp = Path(tempfile.mkdtemp(prefix="lab-overhead-"))
         pl.Trainer.save_checkpoint = save
         try:

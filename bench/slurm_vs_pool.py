@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import slurm_cluster  # noqa: E402
+import slurm_cluster
 
 SWEEP = {"study": "bench", "metric": "val/acc", "n_trials": 6, "sampler": {"name": "random", "seed": 0},
          "overrides": ["data=digits", "model=mlp", "model.net.hidden=[16]", "trainer.max_epochs=1",

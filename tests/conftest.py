@@ -5,7 +5,7 @@ import os
 # of spinning. With two test processes on 2 cores, spinning threads burnt the CPU the other process needed.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import glob  # noqa: E402
+import glob
 import gzip
 import importlib
 import json

@@ -42,7 +42,7 @@ def get(url: str, body: dict | None = None) -> bytes:
 @pytest.fixture(scope="module")
 def server(browser, swept, free_port):
     port = free_port()
-    log = open(swept.tmp / "mlflow_server.log", "w")
+    log = open(swept.tmp / "mlflow_server.log", "w")  # noqa: SIM115 - the server's for the module; closed at its end
     # Default artifact settings: the runs' artifact URIs are local paths the server reads as they are.
     env = {**swept.env, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),

@@ -59,8 +59,11 @@ def test_help_says_what_each_command_does(argv, rc):
         assert any(line.lstrip().startswith(name) and line.rstrip().endswith(what) for line in text.splitlines())
 
 
+# argparse lists a parser's subcommands and arguments only in private attributes (_actions, _SubParsersAction).
+
+
 def test_help_lists_exactly_the_commands_there_are():
-    subcommands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    subcommands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices  # noqa: SLF001
     assert {name for name, _, _ in COMMANDS} == {"train", *subcommands}
 
 
@@ -116,8 +119,8 @@ def test_lab_train_help_is_labs_and_loads_no_training_library():
 def test_every_option_says_what_it_is_for():
     """`lab COMMAND --help` explains every argument (--no-check and --deadline are internal, hidden)."""
     undocumented = [f"{name} {a.dest}" for name, sub in next(
-        a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices.items()
-        for a in sub._actions if not a.help and not isinstance(a, argparse._SubParsersAction)]
+        a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices.items()  # noqa: SLF001
+        for a in sub._actions if not a.help and not isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001
     assert undocumented == []
 
 

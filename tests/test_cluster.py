@@ -43,9 +43,9 @@ def test_workers_on_separate_hosts_share_one_postgres_study(workdir, lab, start_
         for proc in workers:
             out, _ = proc.communicate(timeout=600)
             assert proc.returncode == 0 and "Traceback" not in out, out
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as err:
         states = [(t.number, t.state.name, t.user_attrs.get("worker")) for t in study.get_trials()]
-        raise AssertionError(f"workers did not finish; trials: {states}")
+        raise AssertionError(f"workers did not finish; trials: {states}") from err
     finally:
         for proc in workers:
             proc.kill()

@@ -32,7 +32,7 @@ def test_confirm_reruns_the_top_trials_with_seeds_and_reports_mean_std(swept, la
 
     parent = swept.client.get_run(swept.parent_id)
     csv_path = swept.client.download_artifacts(swept.parent_id, "confirm.csv", str(swept.tmp))
-    logged = {int(row["trial"]): row for row in csv.DictReader(Path(csv_path).open())}
+    logged = {int(row["trial"]): row for row in csv.DictReader(Path(csv_path).read_text().splitlines())}
     lines = {tuple(line.split()[:2]): line.split() for line in done.stdout.splitlines()}
     means = {}
     for rank, trial in enumerate(top, 1):

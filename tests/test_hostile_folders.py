@@ -8,6 +8,7 @@ import struct
 import subprocess
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,7 +139,7 @@ def test_lab_train_on_a_looping_folder_trains_on_each_file_once(tmp_path, lab):
     sizes = json.loads(profile)
     assert sizes["train_images"] + sizes["val_images"] + sizes["test_images"] == 24
     listed = client.download_artifacts(run.info.run_id, "skipped_images.txt", str(tmp_path))
-    text = open(listed).read()
+    text = Path(listed).read_text()
     assert "cats/loop: link loop" in text and "dogs/pipe.jpg: not a regular file" in text
 
 

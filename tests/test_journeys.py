@@ -210,4 +210,4 @@ def test_budget_is_exact_when_workers_race_on_postgres(workdir, lab, start_lab, 
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 3 and len(trials) == 3 + len(failed), [(t.number, t.state.name) for t in trials]
     if failed:
-        warnings.warn(f"trials failed while racing on PostgreSQL (they use no budget): {failed}")
+        warnings.warn(f"trials failed while racing on PostgreSQL (they use no budget): {failed}", stacklevel=1)

@@ -272,7 +272,7 @@ def test_what_lab_private_relies_on_still_holds(check, tmp_path, monkeypatch):
     kwargs = {"monkeypatch": monkeypatch} if "monkeypatch" in check.__code__.co_varnames else {}
     try:
         check(tmp_path, **kwargs)
-    except Exception as err:  # noqa: BLE001 - re-raised with the names it concerns
+    except Exception as err:  # re-raised with the names it concerns
         raise AssertionError(
             f"lab.private.{', lab.private.'.join(names)} no longer hold with optuna {optuna.__version__}, mlflow "
             f"{mlflow.__version__}: {type(err).__name__}: {err}. Adapt lab/private.py (and the ranges in "

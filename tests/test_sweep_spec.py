@@ -6,6 +6,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from lab import private
 from lab.errors import LabError
 from lab.sweep import pool, spec
 
@@ -169,7 +170,8 @@ def test_grid_workers_agree_on_what_each_grid_id_is(tmp_path):
     trials = a.get_trials()
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
     for t in trials:
-        assert a.sampler._all_grids[t.system_attrs["grid_id"]] == tuple(t.params[n] for n in a.sampler._param_names)
+        cells, names = private.grid_cells(a.sampler), private.grid_names(a.sampler)
+        assert cells[t.system_attrs[private.GRID_ID]] == tuple(t.params[n] for n in names)
 
 
 def test_merged_overrides_keep_the_last_value_and_a_plus_that_added_the_key():
@@ -254,7 +256,7 @@ def test_a_resumed_worker_does_not_draw_the_first_launchs_configurations_again(t
     storage = str(tmp_path / "study.journal")
     studies.create_or_resume(sweep, storage)  # what `lab sweep` does before its workers join
     drawn = []
-    for launch in range(3):
+    for _launch in range(3):
         study = studies.create_or_resume(sweep, storage, worker_id="cpu0", join=True)
         for _ in range(2):
             trial = study.ask(sweep.space)

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -194,7 +195,7 @@ def test_fashion_mnist_cnn_one_epoch(tmp_path, lab_exe, cli_env):
     assert run.data.metrics["test/acc"] >= 0.85
     assert run.data.metrics["test/f1/T-shirt/top"] > 0.5
     report = client.download_artifacts(run.info.run_id, "confusion_matrix.csv", str(tmp_path))
-    assert sum(int(v) for line in open(report).read().splitlines()[1:] for v in line.split(",")[1:]) == 10000
+    assert sum(int(v) for line in Path(report).read_text().splitlines()[1:] for v in line.split(",")[1:]) == 10000
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION), reason=f"{FASHION} is absent: apt-get install dataset-fashion-mnist")

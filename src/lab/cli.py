@@ -186,7 +186,7 @@ def train_command(argv: list[str]) -> None:
             if "run_id" not in started:
                 raise
             raise Interrupted("Ctrl-C" if isinstance(stop, KeyboardInterrupt) or stop.code == 1 else str(stop)) from stop
-        except Exception as err:  # noqa: BLE001 - only user errors are shortened; the rest re-raise
+        except Exception as err:  # only user errors are shortened; the rest re-raise
             if user_error(err) is None:
                 raise
             refuse(user_error(err))
@@ -206,7 +206,7 @@ def train_command(argv: list[str]) -> None:
         what = f"the MLflow run {started['run_id']} was marked KILLED" if started else "no MLflow run had started"
         print(f"lab: interrupted by {by}; {what}", file=sys.stderr)
         sys.exit(130)
-    except Exception as err:  # noqa: BLE001 - only config errors are shortened; the rest re-raise
+    except Exception as err:  # only config errors are shortened; the rest re-raise
         message = None if traces else compose_errors.sentence(err)
         if message is None:
             raise
@@ -255,7 +255,7 @@ def run_command(argv: list[str]) -> None:
     except (Interrupted, KeyboardInterrupt) as stop:  # outside a sweep's orderly stop: at start, while plotting
         print(f"lab: interrupted by {str(stop) or 'Ctrl-C'}", file=sys.stderr)
         sys.exit(130)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         full = disk_full(err)
         if full is not None:
             where = f" ({full.filename})" if getattr(full, "filename", None) else ""

@@ -138,7 +138,7 @@ def running(backend: str, artifacts: Path, host: str = "127.0.0.1", port: int = 
             log_path: Path | None = None):
     """Yields the server's URL; stops the server on exit."""
     cmd = server_cmd(backend, artifacts, host, port, auth)
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed in the finally below
     proc = start(cmd, auth_env() if auth else {}, log)
     url = f"http://{host}:{port}"
     try:

@@ -68,7 +68,7 @@ def write(deployed: Deployed, meta: dict, path: Path) -> None:
         program = torch.onnx.export(deployed.eval(), (example,), input_names=[INPUT], output_names=[OUTPUT],
                                     dynamic_shapes={"image": {0: torch.export.Dim("batch")}}, opset_version=OPSET,
                                     external_data=False, verbose=False)
-    except Exception as err:  # noqa: BLE001 - torch.export and the ONNX translation each raise their own kinds
+    except Exception as err:  # torch.export and the ONNX translation each raise their own kinds
         raise LabError(f"the net {meta.get('net', '')} cannot be exported to ONNX ({root_cause(err)}): this "
                        "architecture is not supported by --format onnx.") from err
     program.save(str(path), external_data=False)
@@ -123,7 +123,7 @@ def load(path: Path, name: str) -> OnnxModel:
     """An ONNX file lab exported; LabError for a file ONNX Runtime cannot read or one without lab's metadata."""
     try:
         sess = session(path)
-    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception classes for a bad file
+    except Exception as err:  # onnxruntime raises its own exception classes for a bad file
         raise LabError(f"MODEL {name} cannot be read as an ONNX model ({str(err).splitlines()[0]}): give a file "
                        "`lab export` wrote.") from err
     meta = metadata(sess)

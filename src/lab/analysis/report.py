@@ -14,12 +14,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import mlflow  # noqa: E402
-import optuna  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from optuna.exceptions import ExperimentalWarning  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
+import mlflow
+import optuna
+from matplotlib.ticker import MaxNLocator
+from mlflow.tracking import MlflowClient
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import TrialState
 
 from lab import figures, uris
 from lab.analysis import results

@@ -150,7 +150,8 @@ def run_seeded(sweep: Sweep, trial: optuna.Trial, parent_run_id: str | None, cfg
             seed_run: list[str] = []
             metrics = job.run(seed_cfg, seed_dir, (Progress(),), parent_run_id=run_id,
                               run_name=f"trial-{trial.number}-seed-{seed}", tags=seed_tags,
-                              on_run=lambda _client, rid: seed_run.append(rid), resume_from=resume, require=metric)
+                              on_run=lambda _client, rid, seed_run=seed_run: seed_run.append(rid), resume_from=resume,
+                              require=metric)
             per_seed.append(metrics)
             runs[str(seed)] = seed_run[0]
             values.append(metrics[metric])

@@ -100,16 +100,15 @@ class Pool:
 
     def _start(self, slot: Slot) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{slot.name}.log", "a")
         beat = self.beat_file(slot.name)
         beat.unlink(missing_ok=True)  # a new process: its silence counts from its own first beat
         env = {**self.env, **slot.env, "PYTHONUNBUFFERED": "1", liveness.ENV: str(beat),
                PARENT_ENV: str(os.getpid())}
         cmd = [sys.executable, "-m", "lab.cli", "worker", *self.worker_args, "--worker-id", slot.name]
         # Own session: a Ctrl-C in the terminal reaches the parent only, which stops workers in order.
-        self.procs[slot.name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                 stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
+        with open(self.log_dir / f"{slot.name}.log", "a") as log:  # the worker holds its own copy
+            self.procs[slot.name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                     stdin=subprocess.DEVNULL, start_new_session=True)
 
     def start(self) -> None:
         for slot in self.slots:

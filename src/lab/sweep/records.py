@@ -7,11 +7,11 @@ import logging
 import time
 import warnings
 
-import optuna  # noqa: E402
-from mlflow.entities import Param  # noqa: E402
+import optuna
+from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from lab import figures
 from lab.errors import LabError

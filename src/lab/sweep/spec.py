@@ -436,7 +436,7 @@ def check_paths(sweep: Sweep) -> None:
     def compose(overrides: list[str], what: str):
         try:
             cfg = config.load(overrides)
-        except Exception as err:  # noqa: BLE001 - any compose failure is the user's override
+        except Exception as err:  # any compose failure is the user's override
             said = compose_errors.sentence(err)
             if said:  # `trainer.max_epoch is not a setting of Trainer: did you mean trainer.max_epochs?`
                 raise LabError(f"{sweep.path}: {what}: {said}") from err

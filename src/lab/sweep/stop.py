@@ -18,7 +18,7 @@ ATTR = "lab.stop_reason"  # study user attr and parent run tag: why the sweep st
 
 
 def check(rules: dict, path: Path) -> None:
-    for key, value in rules.items():
+    for key in rules:
         if key not in RULES:
             raise LabError(f"{path}: stop.{key} is not a stop rule: use target (stop once the best value reaches "
                            "it) and/or patience (stop after that many finished trials without a better one).")
@@ -42,7 +42,7 @@ def reason(rules: dict, metric: str, study: optuna.Study) -> str | None:
     if not rules:
         return None
     maximize = study.directions[0] == StudyDirection.MAXIMIZE
-    better = (lambda a, b: a > b) if maximize else (lambda a, b: a < b)  # noqa: E731
+    better = (lambda a, b: a > b) if maximize else (lambda a, b: a < b)
     finished = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))),
                       key=lambda t: (t.datetime_complete.timestamp() if t.datetime_complete else 0.0, t.number))
     best, since = None, 0  # the best trial so far in the order trials finished; finished trials after it

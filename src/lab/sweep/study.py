@@ -58,7 +58,7 @@ def open_storage(storage: str, repair: bool = False, create: bool = True):
             # connections checked before use (a restart leaves the pooled ones dead).
             rdb = RDBStorage(storage, **settings.rdb_timing(), engine_kwargs={"pool_pre_ping": True})
             return patience.PatientStorage(private.CachedStorage(rdb), storage)
-        except Exception as err:  # noqa: BLE001 - unreachable server, bad driver, bad URL
+        except Exception as err:  # unreachable server, bad driver, bad URL
             raise LabError(f"cannot open Optuna storage {mask_password(storage)}: {err}") from err
     path = Path(storage)
     journal.check(path)  # before anything could modify it

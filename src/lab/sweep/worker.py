@@ -81,7 +81,7 @@ def run_one(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, parent: str,
         reason = str(err)
         log.warning("trial %d failed: %s", trial.number, reason)
         free_memory()
-    except Exception as err:  # noqa: BLE001 - a failing trial must not end the sweep
+    except Exception as err:  # a failing trial must not end the sweep
         reason = f"{type(err).__name__}: {err}"
         log.warning("trial %d failed: %s", trial.number, reason)
         if isinstance(err, CUDA_FATAL):  # e.g. a device-side assert: the CUDA context is poisoned for good

@@ -45,7 +45,7 @@ def compose(overrides: list[str]):
         cfg = config.load(overrides)
     except LabError:
         raise
-    except Exception as err:  # noqa: BLE001 - Hydra's composing errors as lab's sentence; the rest re-raise
+    except Exception as err:  # Hydra's composing errors as lab's sentence; the rest re-raise
         message = compose_errors.sentence(err)
         if message is None:
             raise

@@ -52,7 +52,8 @@ def sentence(err: BaseException) -> str | None:
         params, name = {}, ""
         if path == "trainer" or "_target_" in parent:
             from lab.train import job
-            params, name = job.accepted_keys(parent._get_root(), path)
+            # The whole config the key was missing from: OmegaConf offers no public way from a node to its root.
+            params, name = job.accepted_keys(parent._get_root(), path)  # noqa: SLF001
             params = params or {}
         plus = re.search(r"use (\+\S.*)$", str(err), re.MULTILINE)
         if leaf in params and plus:

@@ -145,7 +145,7 @@ class TimmNet(PretrainedNet):
             kwargs["img_size"] = (h, w)
         try:
             self.model = timm.create_model(name, **kwargs)
-        except Exception as err:  # noqa: BLE001 - timm, torch.load, safetensors and the hub each raise their own
+        except Exception as err:  # timm, torch.load, safetensors and the hub each raise their own
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             if weights == "pretrained":
                 raise LabError(f"model.net.weights=pretrained: timm could not get the weights of {name} ({first}); "

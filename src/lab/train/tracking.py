@@ -15,16 +15,16 @@ from contextlib import contextmanager, nullcontext
 from importlib import metadata
 from pathlib import Path
 
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
+import mlflow
+import numpy as np
 from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
 
 from lab import figures, uris
-from lab.errors import Interrupted, StopRun  # noqa: E402
+from lab.errors import Interrupted, StopRun
 from lab.locks import file_lock
-from lab.uris import absolute_uri, mask_password  # noqa: E402,F401 - tracking.mask_password is used by callers
+from lab.uris import absolute_uri, mask_password  # tracking.mask_password is used by callers
 
 PACKAGES = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "hydra-core", "mlflow", "optuna")
 DEFAULT_URI = "sqlite:///mlflow.db"

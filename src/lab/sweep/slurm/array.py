@@ -86,7 +86,7 @@ class Array:
         executor.update_parameters(**params, **{k: v for k, v in optional.items() if v is not None})
         try:
             jobs = executor.map_array(task, range(n))
-        except Exception as err:  # noqa: BLE001 - sbatch's refusal (bad account, partition limits) in its words
+        except Exception as err:  # sbatch's refusal (bad account, partition limits) in its words
             raise LabError(f"SLURM refused the worker array: {str(err).strip().splitlines()[-1]}") from err
         array_id = jobs[0].job_id.split("_")[0]
         self.ids.append(array_id)

@@ -131,7 +131,7 @@ def launch(args, array: Array, sweep: Sweep, study: optuna.Study, parent: str, u
                 time.sleep(commands.POLL_S)
                 continue
             said = None
-            for name, (state, node) in states.items():
+            for name, (state, _node) in states.items():
                 was = before.get(name, ("PENDING", ""))[0]
                 if state in RUNNING and was not in RUNNING:
                     array.beat_file(name).unlink(missing_ok=True)  # a requeued task's old beat is not its own
