@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+import mlflow_server
 from lab import server
 
 
@@ -107,7 +108,7 @@ def test_eight_workers_share_one_study_under_load(workdir, lab, sweep_file, jour
         check_load(tmp, env, f"load_{through}", journal, children)
         return
     port = free_port()
-    with server.running(f"sqlite:///{tmp}/server.db", tmp / "artifacts", port=port, log_path=tmp / "server.log") as url:
+    with mlflow_server.running(f"sqlite:///{tmp}/server.db", tmp / "artifacts", port=port, log_path=tmp / "server.log") as url:
         env = {**env, "MLFLOW_TRACKING_URI": url}
         done = lab(*args, env=env, timeout=1200)
         assert done.returncode == 0, done.stdout + done.stderr

@@ -1,10 +1,8 @@
-"""The package's layers: imports run one way (analysis -> sweep -> train -> data), and the import paths that
-configs logged before the layout existed still name classes that train."""
+"""The package's layers: imports run one way (analysis -> sweep -> train -> data)."""
 import ast
 from pathlib import Path
 
 import pytest
-import yaml
 
 import lab
 
@@ -64,58 +62,8 @@ def test_the_checker_sees_a_back_call(tmp_path):
 
 def test_every_module_is_in_a_layer():
     parts = {p.name for p in SRC.iterdir() if p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists())}
-    shims_and_top = {"__init__.py", "cli.py", "server.py", "module.py", "nets.py"}
-    assert parts - shims_and_top <= set(FORBIDDEN), "a new top-level module: give it a layer in FORBIDDEN"
-
-
-OLD_EXPORT = """\
-# @package _global_
-# An experiment exported by `lab best` before lab/train/ existed: its targets use the old import paths.
-defaults:
-  - override /data: digits
-  - override /model: mlp
-  - _self_
-model:
-  _target_: lab.module.Classifier
-  net:
-    _target_: lab.nets.MLP
-    hidden: [32]
-trainer:
-  max_epochs: 1
-"""
-
-
-@pytest.fixture
-def old_export(workdir):
-    tmp, env = workdir
-    (tmp / "conf" / "experiment" / "old_best.yaml").write_text(OLD_EXPORT)
-    return tmp, env
-
-
-def test_old_target_names_still_build(old_export, monkeypatch):
-    from lab import config
-    from lab.train import job, module, nets
-
-    tmp, env = old_export
-    monkeypatch.setenv("LAB_CONF_DIR", env["LAB_CONF_DIR"])
-    cfg = config.load(["experiment=old_best"])
-    assert cfg.model._target_ == "lab.module.Classifier"
-    _, model = job.build(cfg)
-    assert isinstance(model, module.Classifier) and isinstance(model.net, nets.MLP)
-
-
-@pytest.mark.slow
-def test_old_export_trains_with_lab_train(old_export, lab):
-    from mlflow.tracking import MlflowClient
-
-    tmp, env = old_export
-    done = lab("train", "experiment=old_best", "mlflow.experiment=old", "trainer.enable_progress_bar=false")
-    assert done.returncode == 0, done.stderr
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    (run,) = client.search_runs([client.get_experiment_by_name("old").experiment_id])
-    assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
-    logged = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp))).read_text())
-    assert logged["model"]["net"]["_target_"] == "lab.nets.MLP"
+    top = {"__init__.py", "cli.py", "server.py"}
+    assert parts - top <= set(FORBIDDEN), "a new top-level module: give it a layer in FORBIDDEN"
 
 
 def test_design_doc_exists_and_code_points_to_it():

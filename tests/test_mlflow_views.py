@@ -1,6 +1,8 @@
 """What one run shows in MLflow beside its metrics, read back through MlflowClient: the experiment's kind,
 run names, the per-class table, misclassified images, the dataset input, the logged model, cost metrics,
 and `lab train`'s closing summary and Ctrl-C."""
+import csv
+import io
 import json
 import math
 import signal
@@ -18,7 +20,7 @@ from PIL import Image
 
 from lab.config import load
 from lab.sweep import records
-from lab.train import exported, job, measure, misclassified, tracking
+from lab.train import exported, job, measure, tracking
 
 CLASSES = ("blue", "green", "red")
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
@@ -112,9 +114,31 @@ def test_per_class_table(trained, tmp_path):
     assert table["support"].sum() == 6 * len(CLASSES)
 
 
+def load_model(model_uri: str, uri: str) -> torch.nn.Module:
+    """mlflow.pytorch.load_model from the store at uri (a models:/ URI resolves through MLflow's global URI)."""
+    import mlflow.pytorch
+
+    with exported.tracking_at(uri):
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
+
+def model_info(model_uri: str, uri: str):
+    """mlflow.models.get_model_info (metadata, signature) from the store at uri."""
+    import mlflow.models
+
+    with exported.tracking_at(uri):
+        return mlflow.models.get_model_info(model_uri)
+
+
+def read_misclassified(text: str) -> list[dict]:
+    """misclassified.csv back as dicts with typed values."""
+    return [{**r, "rank": int(r["rank"]), "index": int(r["index"]), "probability": float(r["probability"]),
+             "loss": float(r["loss"])} for r in csv.DictReader(io.StringIO(text))]
+
+
 def logged_model_predictions(trained) -> tuple[np.ndarray, object]:
     """The logged model's class probabilities for the whole test split, prepared as training prepares it."""
-    model = exported.load(trained.run.data.tags["lab.model_uri"], trained.uri)  # mlflow.pytorch.load_model
+    model = load_model(trained.run.data.tags["lab.model_uri"], trained.uri)
     datamodule, _ = job.build(trained.cfg)
     x = datamodule.prepare_batch(datamodule.splits["test"].x, training=False)
     with torch.no_grad():
@@ -127,7 +151,7 @@ def test_misclassified_images_really_are_and_come_by_loss(trained, tmp_path):
     assert {"misclassified.png", "misclassified.csv"} <= names
     png = Path(trained.client.download_artifacts(run_id, "misclassified.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = misclassified.read(Path(trained.client.download_artifacts(run_id, "misclassified.csv",
+    rows = read_misclassified(Path(trained.client.download_artifacts(run_id, "misclassified.csv",
                                                                    str(tmp_path))).read_text())
     probs, datamodule = logged_model_predictions(trained)
     test = datamodule.splits["test"]
@@ -192,7 +216,7 @@ def test_dataset_is_the_runs_input(trained, mlflow_uri, tmp_path):
 def test_logged_model_predicts_as_the_checkpoint(trained):
     tags = trained.run.data.tags
     uri = tags["lab.model_uri"]
-    info = exported.info(uri, trained.uri)
+    info = model_info(uri, trained.uri)
     assert info.metadata["class_names"] == list(CLASSES) and info.metadata["input_shape"] == [3, 8, 8]
     assert info.metadata["loss"] == "cross_entropy" and len(info.metadata["mean"]) == 3
     assert info.signature is not None
@@ -214,11 +238,11 @@ def test_logged_model_predicts_as_the_checkpoint(trained):
 def test_a_model_is_logged_for_a_run_afterwards_from_metadata(trained):
     """exported.log for a run that did not log one (`lab best` does this), from a net and metadata alone."""
     _, model = job.build(trained.cfg)
-    meta = exported.info(trained.run.data.tags["lab.model_uri"], trained.uri).metadata
+    meta = model_info(trained.run.data.tags["lab.model_uri"], trained.uri).metadata
     with tracking.run(trained.uri, "later") as (client, run_id):
         uri = exported.log(run_id, model.net, meta, trained.uri)
     assert client.get_run(run_id).data.tags["lab.model_uri"] == uri
-    loaded = exported.load(uri, trained.uri)
+    loaded = load_model(uri, trained.uri)
     out = loaded(torch.zeros(5, 3, 8, 8))
     assert out.shape == (5, 3) and torch.allclose(out.sum(1), torch.ones(5))
 

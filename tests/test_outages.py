@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+import mlflow_server
 from lab import server
 
 pytestmark = pytest.mark.slow
@@ -114,7 +115,7 @@ def start_server(tmp, port: int) -> subprocess.Popen:
     cmd = server.server_cmd(f"sqlite:///{tmp}/server.db", tmp / "artifacts", "127.0.0.1", port, auth=False)
     proc = subprocess.Popen(cmd, stdout=open(tmp / "server.log", "a"), stderr=subprocess.STDOUT,  # noqa: SIM115
                             start_new_session=True)  # its own group: the uvicorn workers are killed with it
-    server.wait_ready(f"http://127.0.0.1:{port}", proc)
+    mlflow_server.wait_ready(f"http://127.0.0.1:{port}", proc)
     return proc
 
 

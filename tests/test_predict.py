@@ -12,7 +12,7 @@ from PIL import Image
 from lab import cli
 from lab.analysis import models
 from lab.config import load
-from lab.train import job
+from lab.train import job, tracking
 
 TRAIN = ["model=mlp", "model.net.hidden=[32]", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
          "model.optimizer.lr=0.003"]
@@ -91,8 +91,8 @@ def test_every_way_of_naming_the_model_gives_the_same_predictions(folder_run, tm
     table = lambda text: [line for line in text.splitlines() if line.startswith(str(Path(files[0]).parents[1]))]  # noqa: E731
     assert table(by_run) == table(by_checkpoint) and len(table(by_run)) == len(files)
     # A run without a logged model (a sweep that logs only its best trial's): rebuilt from config + checkpoint.
-    if client.get_run(run_id).data.tags.get(models.MODEL_TAG):
-        client.delete_tag(run_id, models.MODEL_TAG)
+    if client.get_run(run_id).data.tags.get(tracking.MODEL_TAG):
+        client.delete_tag(run_id, tracking.MODEL_TAG)
     status, rebuilt, _ = predict(capsys, run_id, *files)
     assert status == 0 and "rebuilt from its checkpoint" in rebuilt
     assert table(rebuilt) == table(by_run)

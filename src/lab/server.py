@@ -13,15 +13,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 from lab import interrupts, uris
 from lab.errors import LabError
 from lab.train import tracking
 
-READY_TIMEOUT_S = 120
 STOP_GRACE_S = 15  # SIGTERM to the server's process group, SIGKILL after this
 SECRET_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"  # signs the auth app's CSRF tokens
 PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"  # the admin user's, read when the auth app creates it
@@ -46,20 +44,6 @@ def server_cmd(backend: str, artifacts: Path, host: str, port: int, auth: bool) 
            "--backend-store-uri", backend, "--artifacts-destination", str(artifacts.resolve()), "--serve-artifacts",
            "--workers", "2"]
     return cmd + (["--app-name", "basic-auth"] if auth else [])
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = READY_TIMEOUT_S) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise LabError(f"mlflow server exited with status {proc.returncode} before it was ready.")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise LabError(f"mlflow server at {url} did not answer /health within {timeout:.0f} s.")
 
 
 def secret_key_file() -> Path:
@@ -131,23 +115,6 @@ def stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
         with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-
-
-@contextmanager
-def running(backend: str, artifacts: Path, host: str = "127.0.0.1", port: int = 5000, auth: bool = False,
-            log_path: Path | None = None):
-    """Yields the server's URL; stops the server on exit."""
-    cmd = server_cmd(backend, artifacts, host, port, auth)
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed in the finally below
-    proc = start(cmd, auth_env() if auth else {}, log)
-    url = f"http://{host}:{port}"
-    try:
-        wait_ready(url, proc)
-        yield url
-    finally:
-        stop(proc)
-        if log_path:
-            log.close()
 
 
 def command(args) -> None:

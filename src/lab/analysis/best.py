@@ -8,13 +8,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from lab import config
-from lab.analysis import registry
+from lab.analysis import registry, results
 from lab.errors import LabError
-from lab.sweep import outcome, ranking, records, spec
-from lab.sweep import study as studies
+from lab.sweep import outcome, ranking, spec
 from lab.sweep.objectives import objectives
-from lab.train import tracking
-from lab.uris import absolute_uri
 
 
 def experiment_yaml(sweep: spec.Sweep, trial: optuna.trial.FrozenTrial) -> str:
@@ -68,15 +65,12 @@ def write_export(path: Path, text: str) -> None:
 
 
 def command(args) -> None:
-    sweep = spec.from_args(args, check=False)
-    _, storage = studies.locate(sweep, args.storage, args.out)
-    study = studies.load(sweep, storage)
-    records.check_store(study, absolute_uri(tracking.tracking_uri()), resuming=False)
+    sweep, _, study, storage = results.open_study(args)
     chosen = chosen_trial(study, args.trial) if args.trial is not None else None  # a wrong --trial: nothing printed
     name = f"{sweep.spec.study}_best" if chosen is None else f"{sweep.spec.study}_trial{args.trial}"
     path = Path(args.export) if args.export else config.export_dir() / f"{name}.yaml"
     check_export(path, sweep.spec.study)
-    outcome.close_if_done(sweep, study, absolute_uri(tracking.tracking_uri()), storage)
+    outcome.close_if_done(sweep, study, results.mlflow_uri(), storage)
     best = outcome.print_best(sweep, study)
     if chosen is not None:  # any trial of any study: a Pareto front member, a runner-up
         best = chosen

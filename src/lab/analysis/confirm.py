@@ -105,7 +105,7 @@ def log_parent(client: MlflowClient, parent: str, rows: list[dict], best: dict |
 
 
 def command(args) -> None:
-    sweep, out_dir, study = results.open_study(args)
+    sweep, out_dir, study, _ = results.open_study(args)
     parent = results.parent_run_id(study)
     trials = top_trials(study, args.top)
     if not trials:

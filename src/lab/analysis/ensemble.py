@@ -144,7 +144,7 @@ def chosen_trials(study, top: int, trials: str | None) -> list:
 
 
 def command(args) -> None:
-    _, _, study = results.open_study(args)
+    _, _, study, _ = results.open_study(args)
     parent = results.parent_run_id(study)
     trials = chosen_trials(study, args.top, args.trials)
     chosen = []

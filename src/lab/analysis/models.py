@@ -20,9 +20,9 @@ from lab.analysis import results
 from lab.errors import LabError
 from lab.sweep import ranking, spec
 from lab.sweep import study as studies
+from lab.train import tracking
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
-MODEL_TAG = "lab.model_uri"  # lab.train.exported.URI_TAG: the run's logged model (its tested weights)
 VALID = ("a run id (32 hex digits), a models:/NAME@ALIAS, models:/NAME/VERSION or models:/m-... URI, "
          "a sweep file (its best trial), a checkpoint path a run recorded, or an .onnx file `lab export` wrote")
 
@@ -131,7 +131,7 @@ def from_run(mlflow_client: MlflowClient, run_id: str, name: str) -> Model:
         run = mlflow_client.get_run(run_id)
     except MlflowException as err:
         raise LabError(f"MODEL {name}: there is no run {run_id} in {results.mlflow_uri()}; give {VALID}.") from err
-    uri = run.data.tags.get(MODEL_TAG)
+    uri = run.data.tags.get(tracking.MODEL_TAG)
     if uri:
         return from_uri(uri, name, run_id)
     return rebuilt(mlflow_client, run_id, name)

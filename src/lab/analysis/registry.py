@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from lab.analysis import models, results
 from lab.sweep import ranking
+from lab.train import tracking
 
 ALIAS = "champion"
 
@@ -17,7 +18,7 @@ ALIAS = "champion"
 def logged_model_uri(client: MlflowClient, run_id: str) -> str:
     """The run's logged model; a run of a sweep that logged only its best trial's gets one now, from its
     checkpoint and config."""
-    uri = client.get_run(run_id).data.tags.get(models.MODEL_TAG)
+    uri = client.get_run(run_id).data.tags.get(tracking.MODEL_TAG)
     if uri:
         return uri
     from lab.train import exported  # Lightning's imports, only when a model must be logged

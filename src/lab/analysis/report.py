@@ -322,7 +322,7 @@ def page(sweep, study: optuna.Study, client: MlflowClient, uri: str) -> str:
 
 def command(args) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a progress bar for one PNG is noise
-    sweep, out_dir, study = results.open_study(args)
+    sweep, out_dir, study, _ = results.open_study(args)
     uri = results.mlflow_uri()
     client = MlflowClient(uri)
     path = out_dir / "report.html"

@@ -1,4 +1,5 @@
-"""A finished (or running) sweep, opened for the commands that read it afterwards: `lab confirm`, `lab report`."""
+"""A finished (or running) sweep, opened for the commands that read it afterwards: `lab best`, `lab confirm`,
+`lab report`, `lab ensemble`."""
 from pathlib import Path
 
 import optuna
@@ -10,14 +11,14 @@ from lab.train import tracking
 from lab.uris import absolute_uri
 
 
-def open_study(args) -> tuple[spec.Sweep, Path, optuna.Study]:
-    """The sweep file (with the overrides its study was created with), its output folder and its study;
-    args has sweep_file, storage, out, study. Creates nothing when there is no such study."""
+def open_study(args) -> tuple[spec.Sweep, Path, optuna.Study, str]:
+    """The sweep file (with the overrides its study was created with), its output folder, its study and the
+    study's storage; args has sweep_file, storage, out, study. Creates nothing when there is no such study."""
     sweep = spec.from_args(args, check=False)
     out_dir, storage = studies.locate(sweep, args.storage, args.out)
     study = studies.load(sweep, storage)
     records.check_store(study, mlflow_uri(), resuming=False)  # its runs are in another store: say which
-    return sweep, out_dir, study
+    return sweep, out_dir, study, storage
 
 
 def mlflow_uri() -> str:

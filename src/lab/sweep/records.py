@@ -248,7 +248,7 @@ def log_best_model(client: MlflowClient, uri: str, sweep: Sweep, study: optuna.S
         return
     from lab.train import exported  # Lightning's imports, only for this
 
-    if exported.URI_TAG in client.get_run(run_id).data.tags:
+    if tracking.MODEL_TAG in client.get_run(run_id).data.tags:
         return
     try:
         module, datamodule = exported.rebuild(client, run_id, uri)

@@ -12,6 +12,7 @@ from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from lab.errors import LabError
+from lab.sweep import ranking
 
 RULES = ("target", "patience")
 ATTR = "lab.stop_reason"  # study user attr and parent run tag: why the sweep stopped
@@ -31,12 +32,6 @@ def check(rules: dict, path: Path) -> None:
                        "more.")
 
 
-def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
-    """Optuna stores a constrained trial's constraint values (Trial.set_constraint, sweep/scores.py: system attrs
-    `constraints:<key>`, read back as trial.constraints); feasible when all are <= 0."""
-    return all(c <= 0 for c in trial.constraints.values())
-
-
 def reason(rules: dict, metric: str, study: optuna.Study) -> str | None:
     """Why the sweep should stop now, or None. `rules` is the sweep file's stop mapping."""
     if not rules:
@@ -47,7 +42,7 @@ def reason(rules: dict, metric: str, study: optuna.Study) -> str | None:
                       key=lambda t: (t.datetime_complete.timestamp() if t.datetime_complete else 0.0, t.number))
     best, since = None, 0  # the best trial so far in the order trials finished; finished trials after it
     for t in finished:
-        if t.state == TrialState.COMPLETE and _feasible(t) and (best is None or better(t.values[0], best.values[0])):
+        if t.state == TrialState.COMPLETE and ranking.feasible(t) and (best is None or better(t.values[0], best.values[0])):
             best, since = t, 0
         else:
             since += 1

@@ -19,7 +19,7 @@ from lab import private, settings
 from lab.errors import LabError
 from lab.sweep import journal, patience, trial_record, warm
 from lab.sweep.objectives import objectives
-from lab.sweep.spec import Sweep, grid_values, override_key, same_overrides
+from lab.sweep.spec import Sweep, grid_values, same_overrides
 from lab.uris import is_rdb, mask_password
 
 log = logging.getLogger(__name__)
@@ -82,19 +82,9 @@ def load(sweep: Sweep, storage: str, command: str = "lab sweep") -> optuna.Study
     return study
 
 
-WORKER_ONLY = ("mlflow.experiment", "trainer.enable_progress_bar", "trainer.enable_model_summary", "threads")
-
-
 def stored_base(study: optuna.Study) -> list[str] | None:
-    """The overrides the study was created with; for a study from before lab stored them, what its first
-    trial ran with, less its params and the worker's own settings."""
-    if BASE_ATTR in study.user_attrs:
-        return list(study.user_attrs[BASE_ATTR])
-    for t in study.get_trials(deepcopy=False):
-        if "overrides" in t.user_attrs:
-            skip = {*t.params, *WORKER_ONLY}
-            return [o for o in t.user_attrs["overrides"] if override_key(o) not in skip]
-    return None
+    """The overrides the study was created with (None: a study whose creation was cut off before them)."""
+    return list(study.user_attrs[BASE_ATTR]) if BASE_ATTR in study.user_attrs else None
 
 
 def adopt(sweep: Sweep, study: optuna.Study) -> None:
@@ -235,10 +225,6 @@ def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, r
                        "trials: restore the file, or start a new study with --study NAME.")
     if sweep.spec.study in names and stored.get("lab.metric"):
         for key, now in identity(sweep).items():
-            if key not in stored:  # a study from before lab stored this part of it
-                if not join:
-                    study.set_user_attr(key, now)
-                continue
             if stored.get(key) != now:
                 what = key.removeprefix("lab.")
                 raise LabError(
@@ -262,10 +248,6 @@ def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, r
                 "differently: repeat the original overrides to resume, or add --study NEW_NAME to start a "
                 "separate study from the same file."
             )
-        if BASE_ATTR not in stored and not join:  # a study from before overrides were stored
-            study.set_user_attr(BASE_ATTR, sweep.base_overrides)
-        if UID_ATTR not in stored:
-            study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
     else:
         # The first trials first, the identity last: a launch cut off in between is still a new study to the next
         # one, which enqueues again (skip_if_exists: nothing twice) instead of resuming without them.

@@ -22,12 +22,12 @@ from mlflow.tracking import MlflowClient
 
 from lab import private
 from lab.errors import LabError
+from lab.train import tracking
 from lab.train.module import Classifier, probabilities
 
 # MLflow warns on every pickled model; lab pickles on purpose (see above) and its users cannot act on it.
 logging.getLogger("mlflow.pytorch").addFilter(lambda record: "Pickle or CloudPickle" not in record.getMessage())
 NAME = "model"
-URI_TAG = "lab.model_uri"
 
 
 class Predictor(torch.nn.Module):
@@ -112,7 +112,7 @@ def requirements(model: torch.nn.Module) -> tuple[list[str], list[str]]:
 
 
 @contextmanager
-def _tracking(uri: str):
+def tracking_at(uri: str):
     """mlflow's global tracking URI set to uri for the duration (log_model takes it from there), then put back
     as it was, $MLFLOW_TRACKING_URI included: MLflow's own _use_tracking_uri deletes that variable on the way
     out, and a sweep worker's next trial would then log to ./mlflow.db."""
@@ -163,7 +163,7 @@ def log(run_id: str, model: Classifier | torch.nn.Module, data, uri: str, exampl
     # Created here, not by log_model: without an active fluent run it would put the model in experiment 0.
     logged = client.create_logged_model(experiment_id, name=NAME, source_run_id=run_id, model_type="classifier")
     try:
-        with _tracking(uri):
+        with tracking_at(uri):
             info = mlflow.pytorch.log_model(predictor, name=NAME, model_id=logged.model_id, run_id=run_id,
                                             input_example=example, signature=infer_signature(example, output),
                                             metadata=meta, pip_requirements=pins, code_paths=code or None, step=step,
@@ -172,25 +172,8 @@ def log(run_id: str, model: Classifier | torch.nn.Module, data, uri: str, exampl
         client.finalize_logged_model(logged.model_id, "FAILED")
         raise
     client.finalize_logged_model(logged.model_id, "READY")
-    client.set_tag(run_id, URI_TAG, info.model_uri)
+    client.set_tag(run_id, tracking.MODEL_TAG, info.model_uri)
     return info.model_uri
-
-
-def load(model_uri: str, uri: str, map_location: str = "cpu") -> torch.nn.Module:
-    """mlflow.pytorch.load_model of a models:/ or runs:/ URI from the store at uri (MLflow resolves those URIs
-    through its global tracking URI, which Lightning resets to whichever store trained last)."""
-    import mlflow.pytorch
-
-    with _tracking(uri):
-        return mlflow.pytorch.load_model(model_uri, map_location=map_location)
-
-
-def info(model_uri: str, uri: str):
-    """mlflow.models.get_model_info (metadata, signature) from the store at uri."""
-    import mlflow.models
-
-    with _tracking(uri):
-        return mlflow.models.get_model_info(model_uri)
 
 
 def rebuild(client: MlflowClient, run_id: str, uri: str):
@@ -216,7 +199,7 @@ def run_config(run_id: str, uri: str):
     from omegaconf import OmegaConf
 
     try:
-        with _tracking(uri):
+        with tracking_at(uri):
             text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
     except (MlflowException, OSError) as err:
         raise LabError(f"run {run_id} has no config.yaml artifact to rebuild its model from ({err})") from err

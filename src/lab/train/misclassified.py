@@ -104,13 +104,3 @@ def log(client, run_id: str, samples: dict[str, torch.Tensor] | None, images: to
         client.log_figure(run_id, grid(images, records), "misclassified.png",
                           save_kwargs={"dpi": DPI, "pil_kwargs": {"compress_level": 1}})
     return len(records)
-
-
-def read(text: str) -> list[dict]:
-    """misclassified.csv back as dicts with typed values (for lab's own readers)."""
-    out = []
-    for r in csv.DictReader(io.StringIO(text)):
-        out.append({**r, "rank": int(r["rank"]), "index": int(r["index"]), "probability": float(r["probability"]),
-                    "loss": float(r["loss"])})
-    return out
-

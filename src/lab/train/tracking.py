@@ -31,6 +31,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 # The experiment tag that makes MLflow 3's UI open an experiment in its model-training view, not the GenAI one.
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 MAX_PARAM_CHARS = 6000  # MLflow's server-side limit for one param value
+MODEL_TAG = "lab.model_uri"  # run tag: the models:/ URI of the run's logged model (its tested weights; exported.log)
 SRC_DIR = Path(__file__).resolve().parent
 
 
@@ -289,8 +290,8 @@ def summary(client: MlflowClient, uri: str, run_id: str) -> str:
     if "lab.best_epoch" in tags:
         lines.append(f"  tested: the best epoch by {tags.get('lab.monitor', 'the monitored metric')}, epoch "
                      f"{tags['lab.best_epoch']} (counting from 0, as the step in MLflow's charts)")
-    if "lab.model_uri" in tags:
-        lines.append(f"  model: mlflow.pytorch.load_model('{tags['lab.model_uri']}')")
+    if MODEL_TAG in tags:
+        lines.append(f"  model: mlflow.pytorch.load_model('{tags[MODEL_TAG]}')")
     url = run_url(client, uri, run_id)
     if url:
         lines.append(f"  MLflow: {url}")
