@@ -1,4 +1,4 @@
-"""`lab sweep`, `lab worker`, `lab best`: sweep file -> Optuna study -> workers on GPUs/CPUs -> trials.
+"""`lab sweep`, `lab worker` (`lab best` is analysis/best.py): sweep file -> Optuna study -> workers on GPUs/CPUs -> trials.
 
 The parent process validates everything, creates the MLflow DB and the study before any worker starts
 (16 processes migrating a fresh SQLite schema at once can corrupt it), then watches the pool.
