@@ -235,15 +235,15 @@ def best_epoch(path: str | None) -> int | None:
 
 
 def after_test(cfg: DictConfig, client, run_id: str, uri: str, trainer: pl.Trainer, datamodule, model,
-               step: int) -> dict[str, float]:
+               step: int, costs: dict[str, float] | None = None) -> dict[str, float]:
     """What a run records once its tested weights are in the model: misclassified test images, cost metrics
-    (returned), the MLflow model."""
+    (returned), the MLflow model. costs: measured already on a net of the same structure (a stack's members
+    share one measurement: flops, latency and throughput depend on the shapes, not the weights)."""
     test = datamodule.splits["test"]
     misclassified.log(client, run_id, model.test_samples, test, datamodule.class_names, test.paths,
                       int(cfg.mlflow.get("misclassified_per_class", 8)))
-    costs: dict[str, float] = {}
     spec = cfg.get("measure") or {}
-    if spec.get("enabled", True):
+    if costs is None and spec.get("enabled", True):
         device = trainer.strategy.root_device  # the trial's device, where Lightning's teardown took it from
         model.net.to(device)
         try:
@@ -251,6 +251,8 @@ def after_test(cfg: DictConfig, client, run_id: str, uri: str, trainer: pl.Train
                                  float(spec.get("budget_s", 0.3)), bf16="bf16" in str(trainer.precision))
         finally:
             model.net.to("cpu")
+    costs = costs or {}
+    if costs:
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in costs.items() if k != "model/params"],
                          synchronous=True)
@@ -264,8 +266,8 @@ def after_test(cfg: DictConfig, client, run_id: str, uri: str, trainer: pl.Train
 
 
 def test_and_record(cfg: DictConfig, client, run_id: str, uri: str, trainer: pl.Trainer, datamodule, model,
-                    best: str | None, weights: str, epoch: int, require: str | None, trained: dict[str, float]
-                    ) -> dict[str, float]:
+                    best: str | None, weights: str, epoch: int, require: str | None, trained: dict[str, float],
+                    costs: dict[str, float] | None = None) -> dict[str, float]:
     """Test the weights `best` (None: the model's own) and record what a run records after training; returns
     the test, per-class and cost metrics. trained: the last epoch's metrics, which `require` may name. Shared by
     run() and the stacked runs (stack_run.py), whose members are tested as one-model runs."""
@@ -281,7 +283,7 @@ def test_and_record(cfg: DictConfig, client, run_id: str, uri: str, trainer: pl.
         client.set_tag(run_id, "lab.best_epoch", str(best_at))  # what `lab train`'s summary prints
         client.set_tag(run_id, "lab.monitor", str(cfg.monitor.metric))
     results["model/params"] = float(sum(p.numel() for p in model.net.parameters()))
-    results.update(after_test(cfg, client, run_id, uri, trainer, datamodule, model, epoch))
+    results.update(after_test(cfg, client, run_id, uri, trainer, datamodule, model, epoch, costs))
     every = {**trained, **results}
     if require is not None and require not in every:
         raise LabError(f"metric {require!r} was not logged; logged: {sorted(every)}")

@@ -249,9 +249,13 @@ def train(stack: Stack, datamodule, members: list[Member], callbacks: tuple, pul
             if stack.scheduler is not None:
                 stack.scheduler.step()
         stack.sync()
+        shared: dict[str, float] | None = None  # one cost measurement for the stack: same shapes, same costs
         for i, m in enumerate(members):
             if m.open_cm is not None:
-                end(m, test_member(stack, datamodule, m, i, callbacks, uri))
+                outcome = test_member(stack, datamodule, m, i, callbacks, uri, shared)
+                if isinstance(outcome, dict) and shared is None and m.cfg.get("measure", {}).get("enabled", True):
+                    shared = {k: v for k, v in outcome.items() if k.startswith("model/")}
+                end(m, outcome)
     except BaseException as err:
         for m in members:
             if m.open_cm is not None:
@@ -260,7 +264,8 @@ def train(stack: Stack, datamodule, members: list[Member], callbacks: tuple, pul
         raise
 
 
-def test_member(stack: Stack, datamodule, m: Member, i: int, callbacks: tuple, uri: str):
+def test_member(stack: Stack, datamodule, m: Member, i: int, callbacks: tuple, uri: str,
+                costs: dict[str, float] | None = None):
     """The member's best epoch tested by Lightning as a one-model run, and recorded as job.run records it;
     returns its metrics (last epoch's train/val, test, costs) or the exception it failed with."""
     model = stack.models[i]
@@ -273,7 +278,7 @@ def test_member(stack: Stack, datamodule, m: Member, i: int, callbacks: tuple, u
             best = m.best[1] if m.best else None
             weights = f"best epoch: {best}" if best else "final weights"
             results = job.test_and_record(m.cfg, m.client, m.run_id, uri, trainer, datamodule, model, best,
-                                          weights, m.epochs, m.require, m.trained)
+                                          weights, m.epochs, m.require, m.trained, costs)
         return {**m.trained, **results}
     except (KeyboardInterrupt, SystemExit):
         raise
