@@ -89,3 +89,80 @@ def test_stacked_trials_through_best_replay_confirm_and_report(lab, workdir, swe
     assert confirm.returncode == 0, confirm.stdout + confirm.stderr
     report = lab("report", path)
     assert report.returncode == 0, report.stdout + report.stderr
+
+
+@pytest.mark.slow
+def test_a_worker_killed_in_the_middle_of_a_stack_retries_every_unfinished_member(workdir, start_lab, sweep_file,
+                                                                                   journal):
+    """SIGKILL of the worker after the stack's first epoch: all three members are reaped and queued again, the
+    retries (one stack again: they share a structure) complete, and nothing is left RUNNING in Optuna or MLflow."""
+    import os
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    from conftest import SLOW_TRIALS
+
+    tmp, env = workdir
+    body = ("metric: val/acc\nn_trials: 3\nstack: 3\nsampler: {name: random, seed: 0}\nparams:\n"
+            "  model.optimizer.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}\n")
+    proc = start_lab("sweep", sweep_file(tmp / "k.yaml", "killed_stack", body, extra=SLOW_TRIALS), "--workers", "1",
+                     "--no-live")
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    victims, end = [], time.time() + 300
+    while not victims and time.time() < end:  # three members running, the first epoch logged
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            running = journal(tmp, "killed_stack").get_trials(states=(TrialState.RUNNING,))
+        except (KeyError, FileNotFoundError):
+            running = []
+        if len(running) == 3 and all("mlflow_run_id" in t.user_attrs for t in running) and \
+                client.get_metric_history(running[0].user_attrs["mlflow_run_id"], "val/acc"):
+            victims = running
+        time.sleep(0.3)
+    assert victims, "the stack never got through an epoch"
+    assert len({t.user_attrs["pid"] for t in victims}) == 1  # one worker owns the stack
+    os.kill(int(victims[0].user_attrs["pid"]), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+
+    trials = journal(tmp, "killed_stack").trials
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    for victim in victims:
+        dead = trials[victim.number]
+        assert dead.state == TrialState.FAIL and "died" in dead.user_attrs["fail_reason"]
+        (retry,) = [t for t in trials if t.user_attrs.get("lab.retry_of") == victim.number]
+        assert retry.state == TrialState.COMPLETE and retry.params == victim.params
+        assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status != "RUNNING"
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 3  # the budget holds
+
+
+@pytest.mark.parametrize("extra, says", [
+    ("stack: 0", "stack=0 is not valid"),
+    ("stack: many", "stack='many' is not valid"),
+    ("stack: 4\nseeds: 3", "each trial's seeds already train as one stack"),
+    ("stack: 4\nsampler: {name: grid}", "does not work with sampler grid"),
+])
+def test_a_bad_stack_setting_is_one_sentence(tmp_path, extra, says):
+    from lab.errors import LabError
+    from lab.sweep import spec
+
+    path = tmp_path / "s.yaml"
+    path.write_text(f"study: s\n{extra}\nparams:\n  model.optimizer.lr: {{type: categorical, choices: [0.01]}}\n")
+    with pytest.raises(LabError, match=says):
+        spec.load(path, check=False)
+
+
+def test_the_sweep_says_up_front_how_seeds_train(tmp_path):
+    from lab.sweep import spec
+
+    def notes(extra):
+        path = tmp_path / "s.yaml"
+        path.write_text(f"study: s\n{extra}\nparams:\n  model.optimizer.lr: {{type: categorical, choices: [0.01]}}\n")
+        return " ".join(spec.load(path, check=False).notes)
+
+    assert "of each trial train as one stack" in notes("seeds: 3")
+    assert "one after another, not as one stack: pruner wilcoxon" in notes("seeds: 5\npruner: {name: wilcoxon}")
+    assert "one after another (stack_seeds: false)" in notes("seeds: 3\nstack_seeds: false")
