@@ -33,7 +33,7 @@ OFFERED = ("CachedStorage", "BaseHeartbeat", "heartbeat_thread", "set_trial_user
 
 
 def __getattr__(name: str):
-    """The two classes below, imported on first use (PEP 562).
+    """Two Optuna classes, imported on first use (PEP 562).
 
     CachedStorage (optuna.storages._CachedStorage). Why: create_study wraps an RDBStorage in this cache itself,
     but only when given the URL or the bare RDBStorage; lab wraps the cached storage in
