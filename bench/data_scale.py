@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,10 +127,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--src", default=None, help="another checkout's src/ to measure instead of this one")
     parser.add_argument("--skip-stream", action="store_true")
+    parser.add_argument("--keep", default=None, help="a folder to generate the images in once and reuse after")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="lab-data-bench-"))
-    root = fixtures.jpeg_folder(tmp, args.images, 5)
+    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lab-data-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    root = tmp / "flowers"
+    if len(list(root.glob("*/*.jpg"))) != args.images:
+        root = fixtures.jpeg_folder(tmp, args.images, 5)
     cache = tmp / "cache"
+    shutil.rmtree(cache, ignore_errors=True)  # the first run decodes: its images/s is a row
     decoded = args.images * 3 * args.size * args.size
     folder = ["data=image_folder", f"data.root={root}", f"data.image_size={args.size}", f"data.cache_dir={cache}",
               "model=linear", "trainer.max_epochs=1", "mlflow.experiment=bench_data"]

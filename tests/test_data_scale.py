@@ -155,7 +155,10 @@ def test_cache_cap_removes_the_least_recently_used(tmp_path, image_folder):
     for size in (8, 12, 10):
         folder_dm(root, tmp_path, image_size=size).setup("fit")
     by_size = {e.info["shape"][2]: e for e in cache.entries(folder)}
-    os.utime(by_size[8].meta)  # 8 px used again: 12 px is now the least recently used
+    # 8 px used again: 12 px is now the least recently used. A second later than the newest, explicitly: file
+    # times tick in jiffies (~4 ms), and the entry just written may share its tick with this touch.
+    newest = max(e.meta.stat().st_mtime for e in by_size.values()) + 1
+    os.utime(by_size[8].meta, (newest, newest))
     assert [e.info["shape"][2] for e in cache.entries(folder)] == [12, 10, 8]
     bytes_of = {k: e.data.stat().st_size + e.meta.stat().st_size for k, e in by_size.items()}
     cache.evict(folder, bytes_of[8] + bytes_of[10])
