@@ -137,10 +137,11 @@ def read_misclassified(text: str) -> list[dict]:
 
 
 def logged_model_predictions(trained) -> tuple[np.ndarray, object]:
-    """The logged model's class probabilities for the whole test split, prepared as training prepares it."""
+    """The logged model's class probabilities for the whole test split, given as decoded (uint8): the model
+    normalises as training does."""
     model = load_model(trained.run.data.tags["lab.model_uri"], trained.uri)
     datamodule, _ = job.build(trained.cfg)
-    x = datamodule.prepare_batch(datamodule.splits["test"].x, training=False)
+    x = datamodule.splits["test"].x
     with torch.no_grad():
         return model(x).numpy(), datamodule
 
@@ -219,6 +220,7 @@ def test_logged_model_predicts_as_the_checkpoint(trained):
     info = model_info(uri, trained.uri)
     assert info.metadata["class_names"] == list(CLASSES) and info.metadata["input_shape"] == [3, 8, 8]
     assert info.metadata["loss"] == "cross_entropy" and len(info.metadata["mean"]) == 3
+    assert info.metadata["input_type"] == "uint8"
     assert info.signature is not None
     assert [o.model_id for o in trained.run.outputs.model_outputs] == [uri.removeprefix("models:/")]
     probs, datamodule = logged_model_predictions(trained)
@@ -243,14 +245,33 @@ def test_a_model_is_logged_for_a_run_afterwards_from_metadata(trained):
         uri = exported.log(run_id, model.net, meta, trained.uri)
     assert client.get_run(run_id).data.tags["lab.model_uri"] == uri
     loaded = load_model(uri, trained.uri)
-    out = loaded(torch.zeros(5, 3, 8, 8))
+    out = loaded(torch.zeros(5, 3, 8, 8, dtype=torch.uint8))
     assert out.shape == (5, 3) and torch.allclose(out.sum(1), torch.ones(5))
+
+
+def test_a_model_logged_before_it_carried_its_normalisation_predicts_as_before(trained):
+    """Such a model takes normalised floats and its metadata has no input_type: lab puts Normalise in front."""
+    import mlflow.pytorch
+
+    from lab.analysis import models
+
+    uri = trained.run.data.tags["lab.model_uri"]
+    new = load_model(uri, trained.uri)
+    meta = {k: v for k, v in model_info(uri, trained.uri).metadata.items() if k != "input_type"}
+    with tracking.run(trained.uri, "old") as (_, run_id), exported.tracking_at(trained.uri):
+        old = mlflow.pytorch.log_model(torch.nn.Sequential(*list(new)[1:]), name="model", run_id=run_id,
+                                       metadata=meta, serialization_format="pickle").model_uri
+    with exported.tracking_at(trained.uri):
+        loaded = models.from_uri(old, old)
+    x = job.build(trained.cfg)[0].splits["test"].x
+    with torch.no_grad():
+        assert torch.equal(loaded.probabilities(x), new(x))
 
 
 def test_bce_predictor_gives_both_classes():
     net = torch.nn.Linear(4, 1)
     x = torch.randn(6, 4)
-    out = exported.Predictor(net, "bce")(x)
+    out = exported.portable(net, "bce")(x)
     assert out.shape == (6, 2)
     assert torch.allclose(out[:, 1], torch.sigmoid(net(x))[:, 0]) and torch.allclose(out.sum(1), torch.ones(6))
 

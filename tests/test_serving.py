@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import cloudpickle
 import mlflow
 import numpy as np
 import pytest
@@ -20,7 +21,9 @@ from mlflow.tracking import MlflowClient
 
 from lab.analysis import models
 from lab.config import load
+from lab.data.normalise import Normalise
 from lab.train import exported, job
+from lab.train.module import probabilities
 from lab.train.nets import CNN, MLP, ResNet
 
 QUICK = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "mlflow.misclassified_per_class=0",
@@ -97,7 +100,7 @@ def test_mlflow_serves_the_logged_model_from_an_environment_without_lab(mlflow_u
         assert probe.stdout.strip() == "no lab", probe.stdout + probe.stderr
         datamodule, _ = job.build(cfg)
         test = datamodule.splits["test"]
-        x = datamodule.prepare_batch(test.x, training=False).numpy()  # what the model takes: normalised floats
+        x = test.x.numpy()  # what the model takes: uint8 images as decoded (it normalises as training did)
         served = np.array(post(f"http://127.0.0.1:{port}/invocations", {"inputs": x.tolist()})["predictions"])
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -124,8 +127,35 @@ def test_portable_model_computes_what_the_predictor_does(loss):
         portable = exported.portable(net, loss).eval()
         assert {type(m).__module__.split(".")[0] for m in portable.modules()} == {"torch"}
         with torch.no_grad():
-            assert torch.equal(portable(x), exported.Predictor(net, loss)(x))
+            assert torch.equal(portable(x), probabilities(net(x), loss))
         assert exported.logits_net(portable)(x).shape == (6, 1 if loss == "bce" else classes)
+        images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+        normalise = Normalise([0.1, 0.2, 0.3], [0.5, 0.6, 0.7])
+        with torch.no_grad():
+            served = exported.portable(net, loss, normalise).eval()(images)
+            assert torch.equal(served, portable(normalise(images)))
+            assert torch.equal(exported.logits_net(exported.portable(net, loss, normalise))(x), net(x))
+
+
+def test_a_logged_model_normalises_as_training_does_and_unpickles_without_lab(tmp_path):
+    """The Normalise a logged model starts with is prepare_batch's, and its code travels in the pickle (by
+    value): a Python in which lab cannot be imported loads the model and gives the same probabilities."""
+    cfg = load(["data=digits", "model=mlp", "model.net.hidden=[8]", "data.batch_size=16"])
+    datamodule, module = job.build(cfg)
+    x = datamodule.splits["test"].x[:16]
+    meta = exported.metadata(datamodule, module.loss)
+    model = exported.portable(module.net.eval(), module.loss, exported.normaliser(meta)).eval()
+    with torch.no_grad():
+        assert torch.equal(model[0](x), datamodule.prepare_batch(x, training=False))
+        expected = model(x)
+    (tmp_path / "model.pkl").write_bytes(cloudpickle.dumps(model))
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, pickle, torch\nsys.modules['lab'] = None  # import lab fails\n"
+            "model = pickle.loads(open('model.pkl', 'rb').read())\n"
+            "torch.save(model(torch.load('x.pt')), 'out.pt')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
 
 
 def test_requirements_name_torchvision_for_its_modules_and_ship_a_users_own_code(tmp_path, monkeypatch):

@@ -12,18 +12,11 @@ import torch
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 
 from lab.analysis import models, results
 from lab.errors import LabError
 from lab.sweep import ranking
-from lab.train import exported, tracking
+from lab.train import exported, metrics, tracking
 
 
 @dataclass
@@ -58,21 +51,9 @@ def member(client: MlflowClient, trial: int, run_id: str, test_sets: dict) -> Me
 
 
 def report(probs: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> tuple[dict[str, float], dict]:
-    """(scalar test metrics, the report tracking.log_test_report takes), as Classifier.on_test_epoch_end makes them."""
-    k = len(class_names)
-    scalars = {
-        "test/acc": MulticlassAccuracy(k, average="micro")(probs, labels),
-        "test/precision_macro": MulticlassPrecision(k, average="macro")(probs, labels),
-        "test/recall_macro": MulticlassRecall(k, average="macro")(probs, labels),
-        "test/f1_macro": MulticlassF1Score(k, average="macro")(probs, labels),
-    }
-    precision = MulticlassPrecision(k, average=None)(probs, labels)
-    recall = MulticlassRecall(k, average=None)(probs, labels)
-    f1 = MulticlassF1Score(k, average=None)(probs, labels)
-    confusion = MulticlassConfusionMatrix(k)(probs, labels).long()  # rows: true class
-    classes = {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                      "support": int(confusion[i].sum())} for i, name in enumerate(class_names)}
-    return {key: float(v) for key, v in scalars.items()}, {"confusion": confusion.tolist(), "classes": classes}
+    """(scalar test metrics test/*, the report tracking.log_test_report takes), by the builder a run's test uses."""
+    values, test_report = metrics.scores(probs, labels, class_names)
+    return {f"test/{key}": value for key, value in values.items()}, test_report
 
 
 def check_same_test_set(members: list[Member]) -> None:

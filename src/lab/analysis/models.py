@@ -1,8 +1,8 @@
 """A trained model named the ways users name one: run id, models:/ URI, sweep file, checkpoint path, .onnx file.
 
-What every form resolves to is a Model: a torch module taking normalised float (N, C, H, W) images and
-returning (N, K) class probabilities, the metadata that says how to feed it (class names, input shape,
-mean and std), and the MLflow run it came from. `lab predict` and `lab ensemble` read models through here.
+What every form resolves to is a Model: a torch module taking uint8 (N, C, H, W) images and returning (N, K)
+class probabilities (its normalisation inside: lab.data.normalise, as training applied it), the metadata that
+says what it was trained on (class names, input shape, mean and std), and the MLflow run it came from. `lab predict` and `lab ensemble` read models through here.
 An .onnx file resolves to an OnnxModel (lab.analysis.onnx_model): the same meta, class_names, probabilities().
 """
 import os
@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from lab.analysis import results
+from lab.data.normalise import Normalise
 from lab.errors import LabError
 from lab.sweep import ranking, spec
 from lab.sweep import study as studies
@@ -29,7 +30,7 @@ VALID = ("a run id (32 hex digits), a models:/NAME@ALIAS, models:/NAME/VERSION o
 
 @dataclass
 class Model:
-    net: torch.nn.Module  # normalised float (N, C, H, W) -> (N, K) probabilities, in eval mode
+    net: torch.nn.Sequential  # uint8 (N, C, H, W) -> (N, K) probabilities, in eval mode (exported.portable)
     meta: dict  # class_names, input_shape [C, H, W], mean, std, loss, data
     run_id: str | None
     source: str  # how it was found, for what is printed
@@ -42,17 +43,11 @@ class Model:
     def device_name(self) -> str:
         return next(self.net.parameters()).device.type
 
-    def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) -> float as TensorDataModule.prepare_batch makes it (no augmentation)."""
-        mean = torch.tensor(self.meta["mean"], dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.meta["std"], dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-        return (x.float().div_(255) - mean) / std
-
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """uint8 (N, C, H, W) -> (N, K) float probabilities on the CPU, in batches on the model's device."""
         device = next(self.net.parameters()).device
-        out = [self.net(self.normalise(chunk.to(device))).float().cpu() for chunk in x.split(batch_size)]
+        out = [self.net(chunk.to(device)).float().cpu() for chunk in x.split(batch_size)]
         return torch.cat(out) if out else torch.zeros(0, len(self.class_names))
 
 
@@ -84,6 +79,8 @@ def from_uri(uri: str, name: str, run_id: str | None = None) -> Model:
     if "class_names" not in meta:
         raise LabError(f"MODEL {name} is an MLflow model without lab's metadata (class_names, input_shape, mean, "
                        f"std): it was not logged by lab; give {VALID}.")
+    if "input_type" not in meta:  # logged before models carried their normalisation: it takes normalised floats
+        net = torch.nn.Sequential(Normalise(meta["mean"], meta["std"]).to(device()), *net)
     return Model(net.eval(), meta, run_id or info.run_id, uri)
 
 
@@ -122,8 +119,9 @@ def rebuilt(mlflow_client: MlflowClient, run_id: str, name: str) -> Model:
     from lab.train import exported
 
     module, datamodule = checkpointed(mlflow_client, run_id, name)
-    net = exported.Predictor(module.net, module.loss).to(device()).eval()
-    return Model(net, exported.metadata(datamodule, module.loss), run_id, f"{name} (rebuilt from its checkpoint)")
+    meta = exported.metadata(datamodule, module.loss)
+    net = exported.portable(module.net, module.loss, exported.normaliser(meta)).to(device()).eval()
+    return Model(net, meta, run_id, f"{name} (rebuilt from its checkpoint)")
 
 
 def from_run(mlflow_client: MlflowClient, run_id: str, name: str) -> Model:

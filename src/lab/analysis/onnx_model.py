@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lab.data.normalise import Normalise
 from lab.errors import LabError
 
 INPUT, OUTPUT = "image", "probabilities"
@@ -20,20 +21,17 @@ OPSET = 20
 
 
 class Deployed(torch.nn.Module):
-    """Raw images -> probabilities: /255 for uint8, (x - mean) / std as TensorDataModule.prepare_batch, then
-    predictor (normalised float -> probabilities, exported.portable)."""
+    """Raw images -> probabilities: lab.data.normalise.Normalise (/255 for uint8, then (x - mean) / std, as
+    training applies it), then predictor (normalised float -> probabilities, exported.portable).
+    input_type: what the graph's image input holds; Normalise branches on the traced input's dtype."""
 
     def __init__(self, predictor: torch.nn.Module, mean: list[float], std: list[float], input_type: str):
         super().__init__()
-        self.predictor, self.scale = predictor, input_type == "uint8"
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.predictor, self.input_type = predictor, input_type
+        self.normalise = Normalise(mean, std)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.float()
-        if self.scale:
-            x = x / 255
-        return self.predictor((x - self.mean) / self.std)
+        return self.predictor(self.normalise(image))
 
 
 def as_input(x: torch.Tensor, input_type: str) -> np.ndarray:

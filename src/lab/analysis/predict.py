@@ -16,6 +16,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from lab.analysis import models
 from lab.data.decode import decode
 from lab.errors import LabError
+from lab.train import metrics
 
 
 def image_files(inputs: list[str]) -> list[Path]:
@@ -65,15 +66,17 @@ def write_csv(path: Path, files: list[Path], tops: list[list[tuple[str, float]]]
             writer.writerow([str(file), top[0][0], f"{top[0][1]:.6f}", *[v for name, p in top for v in (name, f"{p:.6f}")]])
 
 
-def folder_accuracy(files: list[Path], tops, class_names: list[str]) -> tuple[int, float, int] | None:
+def folder_accuracy(files: list[Path], probs: torch.Tensor, class_names: list[str]) -> tuple[int, float, int] | None:
     """Over the files that lie in a folder named after a class (a test set laid out as training reads one):
-    (those files, their accuracy against the folder names, files left out); None when there are none."""
-    names = set(class_names)
-    scored = [(f, top) for f, top in zip(files, tops) if f.parent.name in names]
-    if not scored:
+    (those files, their accuracy against the folder names as a run's test computes it, files left out); None
+    when there are none. probs: (N, K), a row per file."""
+    index = {name: i for i, name in enumerate(class_names)}
+    rows = [(i, index[f.parent.name]) for i, f in enumerate(files) if f.parent.name in index]
+    if not rows:
         return None
-    right = sum(f.parent.name == top[0][0] for f, top in scored)
-    return len(scored), right / len(scored), len(files) - len(scored)
+    kept, labels = (torch.tensor(column) for column in zip(*rows))
+    values, _ = metrics.scores(probs[kept], labels, class_names)
+    return len(rows), values["acc"], len(files) - len(rows)
 
 
 def command(args) -> None:
@@ -102,7 +105,7 @@ def command(args) -> None:
     print(f"model: {model.source}" + (f" (run {model.run_id})" if model.run_id and model.run_id not in model.source else ""))
     print(f"{len(files)} image(s) in {done - started:.2f} s (decoding {decoded - started:.2f} s, "
           f"model {done - decoded:.2f} s on {model.device_name})")
-    scored = folder_accuracy(files, tops, model.class_names)
+    scored = folder_accuracy(files, probs, model.class_names)
     if scored:
         left = f"; {scored[2]} not in a class folder, not counted" if scored[2] else ""
         print(f"accuracy against the class folders the files are in: {scored[1]:.4f} ({scored[0]} images{left})")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from lab.data import placing
 from lab.data.augment import Augment
 from lab.data.batches import IndexBatches, StreamedBatches
+from lab.data.normalise import Normalise
 from lab.errors import LabError
 
 STATS_IMAGES = 20_000  # normalisation statistics from at most this many training images (random: the split is)
@@ -294,22 +295,24 @@ class TensorDataModule(pl.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def prepare_batch(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        """uint8 (N, C, H, W) -> normalized float (N, C, H, W) on x's device."""
+        """uint8 (N, C, H, W) -> normalized float (N, C, H, W) on x's device, by the rule a logged model applies
+        (lab.data.normalise), augmented in between when training."""
         x = x.float().div_(255)
         if training:
             x = self.augment(x)
-        mean, std = self._stats_on(x.device)
-        x = x.sub_(mean).div_(std)  # in place: x is this call's own float copy (two more per batch otherwise)
+        x = self.normaliser(x.device).normalise_(x)  # in place: x is this call's own float copy (two more otherwise)
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _stats_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, C, 1, 1) mean and std on `device`, copied once: a host-to-GPU copy per batch would sync."""
-        cached = self.__dict__.get("_stats")
-        if cached is None or cached[0].device != device:
-            cached = self._stats = tuple(t.to(device).view(1, -1, 1, 1) for t in (self.mean, self.std))
-        return cached
+    def normaliser(self, device: torch.device | str = "cpu") -> Normalise:
+        """The training split's normalisation (set up: mean, std) as a module on `device`, made once per device
+        and statistics: a host-to-GPU copy per batch would sync."""
+        device = torch.device(device)
+        cached = self.__dict__.get("_normaliser")  # (mean, std, device, module)
+        if cached is None or cached[0] is not self.mean or cached[1] is not self.std or cached[2] != device:
+            cached = self._normaliser = (self.mean, self.std, device, Normalise(self.mean, self.std).to(device))
+        return cached[3]
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch

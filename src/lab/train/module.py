@@ -8,16 +8,10 @@ import math
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
+from torchmetrics import MeanMetric
 
 from lab.errors import LabError
+from lab.train import metrics
 
 
 def target_name(factory) -> str:
@@ -104,21 +98,7 @@ class Classifier(pl.LightningModule):
         # for this (bench on 1 CPU thread, batch 512), ~6% of an H100 step of the lecture CNN (~3 ms).
         self.register_buffer("train_sums", torch.zeros(2), persistent=False)
         self.train_n = 0
-        self.val_metrics = MetricCollection(
-            {"acc": MulticlassAccuracy(k, average="micro"), "f1_macro": MulticlassF1Score(k, average="macro")}
-        )
-        self.test_metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(k, average="micro"),
-                "precision_macro": MulticlassPrecision(k, average="macro"),
-                "recall_macro": MulticlassRecall(k, average="macro"),
-                "f1_macro": MulticlassF1Score(k, average="macro"),
-                "precision": MulticlassPrecision(k, average=None),
-                "recall": MulticlassRecall(k, average=None),
-                "f1": MulticlassF1Score(k, average=None),
-                "confusion": MulticlassConfusionMatrix(k),
-            }
-        )
+        self.val_metrics, self.test_metrics = metrics.validation(k), metrics.test(k)
         self.test_report: dict | None = None  # filled at the end of testing, read by tracking
         # Per test image, in test-set order (the test batches are not shuffled): loss, true, predicted,
         # probability of the predicted class, each (N,) on the CPU; for the misclassified-examples view.
@@ -226,22 +206,9 @@ class Classifier(pl.LightningModule):
         self._test_parts.append(torch.stack([losses.float(), y.float(), predicted.float(), probability], 1))
 
     def on_test_epoch_end(self):
-        m = {k: v.cpu() for k, v in self.test_metrics.compute().items()}
-        scalars = {f"test/{k}": m[k] for k in ("acc", "precision_macro", "recall_macro", "f1_macro")}
+        values, self.test_report = metrics.report(self.test_metrics.compute(), self.class_names)
+        scalars = {f"test/{k}": v for k, v in values.items()}
         scalars["test/loss"] = self.test_loss.compute()
-        confusion = m["confusion"].long()  # rows: true class, columns: predicted class
-        self.test_report = {
-            "confusion": confusion.tolist(),
-            "classes": {
-                name: {
-                    "precision": float(m["precision"][i]),
-                    "recall": float(m["recall"][i]),
-                    "f1": float(m["f1"][i]),
-                    "support": int(confusion[i].sum()),
-                }
-                for i, name in enumerate(self.class_names)
-            },
-        }
         self.log_dict(scalars)
         parts = torch.cat(self._test_parts).cpu() if self._test_parts else torch.zeros(0, 4)
         self._test_parts = []
