@@ -141,6 +141,30 @@ def test_readme_train_line_composes(entry, lab, workdir):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow  # imports torch
+def test_the_recipes_dataset_and_model_work(tmp_path, monkeypatch):
+    """What `--cfg job` does not reach: the recipes' Python, imported as lab imports it (the working folder on
+    sys.path), the dataset loading a small .npz of each layout and the net classifying its images."""
+    import numpy as np
+    import torch
+
+    for name, text in own_files().items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from mydata import NpzImages
+    from mynets import TinyNet
+
+    rng = np.random.default_rng(0)
+    for shape in ((30, 8, 8), (30, 3, 8, 8)):
+        np.savez(tmp_path / "mine.npz", x=rng.integers(0, 256, shape, dtype=np.uint8), y=np.arange(30) % 3)
+        loaded = NpzImages(path=str(tmp_path / "mine.npz"), batch_size=4).load()
+        assert loaded.train.x.shape == (30, 1 if len(shape) == 3 else 3, 8, 8) and loaded.train.x.dtype == torch.uint8
+        assert loaded.class_names == ["0", "1", "2"] and loaded.test is None
+    probs = TinyNet(in_shape=(3, 8, 8), num_classes=3)(loaded.train.x[:5].float()).softmax(1)
+    assert probs.shape == (5, 3)
+
+
 @pytest.fixture
 def sweeps_dir(workdir):
     """The shipped sweeps/ in the working directory, where the README's relative paths find them."""
