@@ -1,5 +1,6 @@
 """`lab data fetch`: generated archives and idx files served over loopback HTTP, fetched into tmp folders."""
 import argparse
+import dataclasses
 import hashlib
 import io
 import os
@@ -299,7 +300,9 @@ def test_truncated_idx_file_is_rejected_and_removed(server, tmp_path, idx_datase
 
 def test_fashion_mnist_in_a_system_folder_needs_no_download(tmp_path, monkeypatch, capsys, idx_dataset):
     system = idx_dataset(tmp_path / "system")
-    monkeypatch.setattr(FashionMNIST, "SYSTEM_DIRS", (str(system),))
+    assert FashionMNIST.SYSTEM_DIRS == fetch.DATASETS["fashion_mnist"].system_dirs  # the datamodule reads them too
+    spec = dataclasses.replace(fetch.DATASETS["fashion_mnist"], system_dirs=(str(system),))
+    monkeypatch.setitem(fetch.DATASETS, "fashion_mnist", spec)
     run_fetch("fashion_mnist", "--root", str(tmp_path / "data"))
     assert "no download needed" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()

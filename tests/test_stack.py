@@ -55,12 +55,12 @@ def test_a_member_of_a_stack_trains_as_it_would_alone(base, tmp_path, mlflow_uri
 
 def test_a_stacked_checkpoint_loads_as_one_models(tmp_path, mlflow_uri):
     """The best checkpoint a member writes is a Classifier's state dict that a net of its config loads."""
-    from lab.train import exported
+    from lab.train import rebuild
 
     ms = members([*MLP, "trainer.max_epochs=1"], [["seed=0"], ["seed=1"]], tmp_path, "m")
     stack_run.run(ms)
     client = MlflowClient(mlflow_uri)
-    module, _ = exported.rebuild(client, ms[1].run_id, mlflow_uri)
+    module, _ = rebuild.rebuild(client, ms[1].run_id, mlflow_uri)
     weights = torch.load(client.get_run(ms[1].run_id).data.tags["checkpoint"], weights_only=True)["state_dict"]
     assert set(weights) == set(module.state_dict())
 

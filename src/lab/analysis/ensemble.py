@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from lab.analysis import models, results
 from lab.errors import LabError
 from lab.sweep import ranking
-from lab.train import exported, metrics, tracking
+from lab.train import metrics, rebuild, tracking
 
 
 @dataclass
@@ -32,7 +32,7 @@ def member(client: MlflowClient, trial: int, run_id: str, test_sets: dict) -> Me
     """test_sets: set-up datamodules by their data config, shared by members whose data config is the same
     (reading Fashion-MNIST and splitting it takes seconds; most sweeps do not vary the data)."""
     model = models.from_run(client, run_id, f"trial {trial} (run {run_id})")
-    cfg = exported.run_config(run_id, results.mlflow_uri())
+    cfg = rebuild.run_config(run_id, results.mlflow_uri())
     data_cfg = cfg.data
     key = OmegaConf.to_yaml(data_cfg)
     if key not in test_sets:

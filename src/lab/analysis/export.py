@@ -21,7 +21,7 @@ import torch
 
 from lab.analysis import models, onnx_model, predict, pruning, quantize, results
 from lab.errors import LabError
-from lab.train import exported, measure
+from lab.train import exported, measure, rebuild
 
 PROB_TOLERANCE = 1e-4  # largest |ONNX Runtime - PyTorch| probability accepted for a float file
 LATENCY_BUDGET_S = 1.0  # seconds of timed batch-1 calls per model
@@ -245,7 +245,7 @@ def command(args) -> None:
         raise LabError(f"MODEL {args.model} names no MLflow run, so its data is unknown: give {models.VALID}.")
     mlflow_client = models.client()
     source = mlflow_client.get_run(model.run_id)
-    cfg = exported.run_config(model.run_id, results.mlflow_uri())
+    cfg = rebuild.run_config(model.run_id, results.mlflow_uri())
     datamodule, module = load_data(cfg, model.run_id, with_module=args.prune is not None)
     name = variant(args)
     out = Path(args.out or f"{source.info.run_name or model.run_id}-{name}.onnx").expanduser()

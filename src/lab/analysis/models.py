@@ -100,10 +100,10 @@ def missing_module(name: str, err: ModuleNotFoundError) -> LabError:
 
 def checkpointed(mlflow_client: MlflowClient, run_id: str, name: str):
     """(Classifier with the run's tested weights, its set-up datamodule), from its config.yaml and checkpoint."""
-    from lab.train import exported  # Lightning's imports (~7 s) only when something is built
+    from lab.train import rebuild  # Lightning's imports (~7 s) only when something is built
 
     try:
-        return exported.rebuild(mlflow_client, run_id, results.mlflow_uri())
+        return rebuild.rebuild(mlflow_client, run_id, results.mlflow_uri())
     except Exception as err:
         missing = module_not_found(err)
         if missing is not None:  # its _target_ names a module of the folder it was trained in

@@ -59,7 +59,7 @@ class Archive:
 class IdxFiles:
     url: str  # folder holding the four files
     target: str
-    datamodule: str  # class in lab.data.idx, for the system folders it also searches
+    system_dirs: tuple[str, ...]  # where a system package installs the files; lab.data.idx reads them there too
     md5: dict[str, str]  # file name -> MD5 of the canonical file
 
 
@@ -77,14 +77,15 @@ DATASETS = {
     # MD5s of the original .gz files, as torchvision's MNIST/FashionMNIST classes pin them. Debian's
     # dataset-fashion-mnist package re-gzips the files, so its copies have other MD5s (same content).
     "mnist": IdxFiles(
-        url="https://ossci-datasets.s3.amazonaws.com/mnist/", target="mnist", datamodule="MNIST", md5={
+        url="https://ossci-datasets.s3.amazonaws.com/mnist/", target="mnist",
+        system_dirs=("/usr/share/datasets/mnist",), md5={
             "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
             "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
             "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}),
     "fashion_mnist": IdxFiles(
         url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", target="fashion_mnist",
-        datamodule="FashionMNIST", md5={
+        system_dirs=("/usr/share/datasets/fashion-mnist",), md5={
             "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
             "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
             "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
@@ -400,10 +401,10 @@ def fetch_idx(spec: IdxFiles, target: Path, url: str | None, force: bool, skip_c
               system_dirs: bool = True) -> Path:
     """The four files into target/, each checked (MD5, idx format). Also what the idx datamodules call when
     their files are missing: one verified download path, not two."""
-    from lab.data import idx
+    from lab.data.idx_file import read_idx  # numpy and torch: not paid by `lab --help`
 
     if system_dirs and not (force or url):
-        for folder in map(Path, getattr(idx, spec.datamodule).SYSTEM_DIRS):
+        for folder in map(Path, spec.system_dirs):
             if all((folder / n).is_file() or (folder / n.removesuffix(".gz")).is_file() for n in spec.md5):
                 note(f"{spec.target} is already installed in {folder}, which the datamodule also reads: "
                      "no download needed (--force downloads a copy into ROOT anyway).")
@@ -437,7 +438,7 @@ def fetch_idx(spec: IdxFiles, target: Path, url: str | None, force: bool, skip_c
                            else "Rerun to download it again."))
             partial.replace(dest)
             try:
-                idx.read_idx(dest)  # the format check; it names the file and what is wrong
+                read_idx(dest)  # the format check; it names the file and what is wrong
             except LabError:
                 dest.unlink()
                 raise

@@ -4,13 +4,11 @@ Files are looked up, gzipped or not, in data.root and then in system folders (De
 dataset-fashion-mnist package installs /usr/share/datasets/fashion-mnist); when none has them they are
 downloaded from data.url into data.root.
 """
-import gzip
 from pathlib import Path
 
-import numpy as np
-import torch
-
+from lab.data import fetch
 from lab.data.base import Images, Loaded, TensorDataModule
+from lab.data.idx_file import read_idx
 from lab.errors import LabError
 
 FILES = {
@@ -21,27 +19,9 @@ FILES = {
 }
 
 
-def read_idx(path: Path) -> torch.Tensor:
-    """An idx file (magic: 0, 0, dtype code 0x08 = uint8, number of dims; then big-endian int32 sizes)."""
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as err:  # BadGzipFile, or a download cut short
-        raise LabError(f"{path} is not a complete gzip file ({err}): delete it and fetch it again.") from err
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise LabError(f"{path} is not an uint8 idx file (header {raw[:4].hex() or 'empty'}).")
-    ndim = raw[3]
-    if len(raw) < 4 + 4 * ndim:
-        raise LabError(f"{path} is truncated: its header promises {ndim} dimension sizes, file has {len(raw)} bytes.")
-    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise LabError(f"{path} is truncated: header promises {tuple(dims)} values, file holds {data.size}.")
-    return torch.from_numpy(data.reshape(tuple(int(d) for d in dims)).copy())
-
-
 class IdxDataModule(TensorDataModule):
     CLASS_NAMES: list[str] = []
-    SYSTEM_DIRS: tuple[str, ...] = ()
+    SYSTEM_DIRS: tuple[str, ...] = ()  # fetch.DATASETS's: the folders a system package installs the files in
     DATASET = ""  # its name in lab.data.fetch.DATASETS: where it downloads from, and the pinned MD5s
 
     def __init__(self, root: str = "data/mnist", url: str | None = None, download: bool = True, **kwargs):
@@ -64,8 +44,7 @@ class IdxDataModule(TensorDataModule):
             return
         if not self.download:
             raise LabError(self._where_message(missing))
-        from lab.data import fetch  # the one download path: MD5 and idx format checked, no junk left behind
-
+        # The one download path: MD5 and idx format checked, no junk left behind.
         fetch.fetch_idx(fetch.DATASETS[self.DATASET], self.root, self.url, force=False, system_dirs=False)
 
     def check_source(self) -> None:
@@ -90,11 +69,11 @@ class IdxDataModule(TensorDataModule):
 class FashionMNIST(IdxDataModule):
     CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
-    SYSTEM_DIRS = ("/usr/share/datasets/fashion-mnist",)
+    SYSTEM_DIRS = fetch.DATASETS["fashion_mnist"].system_dirs
     DATASET = "fashion_mnist"
 
 
 class MNIST(IdxDataModule):
     CLASS_NAMES = [str(d) for d in range(10)]
-    SYSTEM_DIRS = ("/usr/share/datasets/mnist",)
+    SYSTEM_DIRS = fetch.DATASETS["mnist"].system_dirs
     DATASET = "mnist"

@@ -8,15 +8,16 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 import torch
 from mlflow.tracking import MlflowClient
-from optuna.trial import TrialState
 
 from lab import config, interrupts, settings
-from lab.errors import DISK_FULL, Interrupted, LabError, says_disk_full
-from lab.sweep import budget, live, liveness, outcome, patience, pool, reachability, records, spec, worker
+from lab.errors import Interrupted, LabError
+from lab.sweep import budget, live, liveness, outcome, parent, patience, pool, reachability, records, spec, worker
 from lab.sweep import stop as stop_rules
 from lab.sweep import study as studies
 from lab.sweep.slurm import follow as slurm
@@ -25,8 +26,6 @@ from lab.train import tracking
 from lab.uris import absolute_uri, mask_password
 
 log = logging.getLogger(__name__)
-EXIT_INTERRUPTED = 130
-POLL_S = 1.0
 
 
 def choose_slots(args, sweep: spec.Sweep) -> list[pool.Slot]:
@@ -59,43 +58,40 @@ def choose_slots(args, sweep: spec.Sweep) -> list[pool.Slot]:
     return pool.placement(gpus, per_gpu, args.workers or 1, os.cpu_count() or 1)
 
 
-def reap(study: optuna.Study, sweep: spec.Sweep, uri: str, storage: str,
-         dead_pid_reason: str | None = None) -> list[optuna.trial.FrozenTrial]:
-    abandon = records.abandoner(uri, sweep.spec.max_retries)
-    with budget.budget_lock(storage, sweep.spec.study):
-        return budget.reap(study, storage, lambda trial, why: abandon(study, trial, why), dead_pid_reason)
-
-
-def blamed_trial(study: optuna.Study, pid: int) -> optuna.trial.FrozenTrial | None:
-    """The trial a dead worker process was running when it died (reaped by now, by us or another worker)."""
-    mine = budget.trials_of_process(study, pid)
-    if mine and (mine[-1].state == TrialState.RUNNING or "died" in mine[-1].user_attrs.get("fail_reason", "")):
-        return mine[-1]
-    return None
-
-
-class Failures:
-    """Prints each new reason for a failed trial once, as soon as it is seen."""
-
-    def __init__(self, study: optuna.Study):
-        self.seen = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-        self.reasons: set[str] = set()
-
-    def report(self, study: optuna.Study) -> None:
-        trials = study.get_trials(deepcopy=False)
-        again = budget.retried(trials)
-        for t in trials:
-            if t.state != TrialState.FAIL or t.number in self.seen or t.number in again:
-                continue
-            self.seen.add(t.number)
-            reason = budget.fail_reason(t)
-            if reason not in self.reasons:
-                self.reasons.add(reason)
-                print(f"trial {t.number} failed: {reason}", flush=True)
+@dataclass
+class Launch:
+    """One `lab sweep` launch once its study and MLflow parent run exist: what the steps below share."""
+    sweep: spec.Sweep
+    study: optuna.Study
+    storage: str
+    uri: str  # MLflow's
+    out_dir: Path
+    parent: str  # the MLflow parent run's id
 
 
 def sweep_command(args) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # this command says what happened in its own words
+    sweep, out_dir, storage, array, slots = checked(args)
+    uri = absolute_uri(tracking.tracking_uri())
+    study = opened_study(sweep, storage)
+    if study is None:
+        return
+    launch, reaped = begun(sweep, study, storage, uri, out_dir)
+    if args.prepare:  # cluster use: the study and parent run exist before N `lab worker`s join
+        print(f"prepared study {sweep.spec.study} in {mask_password(storage)}; MLflow parent run {launch.parent}")
+        return
+    started = time.time()
+    deadline = worker.deadline_from(sweep.spec.timeout, started)
+    say_where(launch, reaped)
+    arguments = worker_arguments(launch, deadline)
+    if array is not None:  # the workers are SLURM array tasks
+        return slurm.launch(args, array, sweep, study, launch.parent, uri, storage, out_dir, arguments, deadline)
+    run_pool(launch, slots, arguments, args.no_live, started, deadline)
+
+
+def checked(args) -> tuple[spec.Sweep, Path, str, object, list[pool.Slot]]:
+    """(sweep, out folder, storage, SLURM array or None, local worker slots): the file and every option
+    checked, the sampler's and pruner's included, before a study or an MLflow run exists."""
     launcher_overrides = slurm_settings.take_overrides(args)  # launcher.KEY=VALUE: not the trials' overrides
     sweep = spec.from_args(args, check=False)  # the file and the options first: a typo is said in ~3 s, not ~6 s
     out_dir, storage = studies.locate(sweep, args.storage, args.out)
@@ -105,7 +101,11 @@ def sweep_command(args) -> None:
     spec.check_trials(sweep)
     for note in sweep.notes:
         print(f"note: {note}")
-    uri = absolute_uri(tracking.tracking_uri())
+    return sweep, out_dir, storage, array, slots
+
+
+def opened_study(sweep: spec.Sweep, storage: str) -> optuna.Study | None:
+    """The study created or resumed; None when its stop rule holds already (said, with the best trial)."""
     said = len(sweep.notes)
     study = studies.create_or_resume(sweep, storage, repair=True)  # refuses a changed sweep before MLflow is touched
     for note in sweep.notes[said:]:  # what a warm start dropped
@@ -115,77 +115,66 @@ def sweep_command(args) -> None:
         print(f"study {sweep.spec.study}: its stop rule already holds ({why}); nothing to train. Change or remove "
               f"`stop:` in {sweep.path} to go on.")
         outcome.print_best(sweep, study)
-        return
+        return None
+    return study
+
+
+def begun(sweep: spec.Sweep, study: optuna.Study, storage: str, uri: str, out_dir: Path):
+    """(the Launch, the stale trials queued again): the MLflow store checked, this launch marked on the study,
+    the trials of workers that died reaped, the parent run found or created and its orphaned runs ended."""
     records.check_store(study, uri)
     tracking.experiment_id(uri, sweep.mlflow_experiment)
     studies.begin_launch(sweep, study)
-    reaped = reap(study, sweep, uri, storage)
-    parent = records.parent_run(study, sweep, uri, storage)
-    records.end_orphaned_runs(MlflowClient(uri), parent, study)
-    if args.prepare:  # cluster use: the study and parent run exist before N `lab worker`s join
-        print(f"prepared study {sweep.spec.study} in {mask_password(storage)}; MLflow parent run {parent}")
-        return
-    started = time.time()
-    deadline = worker.deadline_from(sweep.spec.timeout, started)
+    reaped = parent.reap(study, sweep, uri, storage)
+    parent_run = records.parent_run(study, sweep, uri, storage)
+    records.end_orphaned_runs(MlflowClient(uri), parent_run, study)
+    return Launch(sweep, study, storage, uri, out_dir, parent_run), reaped
 
-    used = budget.used_budget(study)
+
+def say_where(launch: Launch, reaped: list) -> None:
+    """The budget used so far, and where the study and the runs are."""
+    sweep, storage, uri = launch.sweep, launch.storage, launch.uri
+    used = budget.used_budget(launch.study)
     print(f"study {sweep.spec.study}: {used}/{sweep.spec.n_trials} trials already used"
           + (f", {len(reaped)} stale trial(s) re-queued" if reaped else ""))
-    if used >= sweep.spec.n_trials and not budget.queued_retries(study):
+    if used >= sweep.spec.n_trials and not budget.queued_retries(launch.study):
         print(f"nothing to run: the budget of {sweep.spec.n_trials} trials is spent ({used} used); "
               f"--n-trials N with N > {used} runs N - {used} more.")
     print(f"storage: {mask_password(storage)}   (optuna-dashboard {mask_password(storage)})")
-    print(f"mlflow:  {mask_password(uri)}  experiment {sweep.mlflow_experiment!r}, parent run {parent}")
+    print(f"mlflow:  {mask_password(uri)}  experiment {sweep.mlflow_experiment!r}, parent run {launch.parent}")
 
-    worker_args = [str(sweep.path), "--storage", storage, "--out", str(out_dir), "--study", sweep.spec.study,
-                   "--n-trials", str(sweep.spec.n_trials), "--max-failures", str(sweep.spec.max_failures),
-                   "--max-retries", str(sweep.spec.max_retries), *sweep.base_overrides, "--no-check"]
-    if deadline is not None:
-        worker_args += ["--deadline", str(deadline)]
-    if array is not None:  # the workers are SLURM array tasks
-        return slurm.launch(args, array, sweep, study, parent, uri, storage, out_dir, worker_args, deadline)
+
+def worker_arguments(launch: Launch, deadline: float | None) -> list[str]:
+    """`lab worker`'s arguments: this launch's file, study, budget and overrides, the checks already made."""
+    sweep = launch.sweep
+    arguments = [str(sweep.path), "--storage", launch.storage, "--out", str(launch.out_dir), "--study",
+                 sweep.spec.study, "--n-trials", str(sweep.spec.n_trials), "--max-failures",
+                 str(sweep.spec.max_failures), "--max-retries", str(sweep.spec.max_retries), *sweep.base_overrides,
+                 "--no-check"]
+    return arguments + (["--deadline", str(deadline)] if deadline is not None else [])
+
+
+def run_pool(launch: Launch, slots: list[pool.Slot], arguments: list[str], no_live: bool, started: float,
+             deadline: float | None) -> None:
+    """The local workers started, watched until they are done (or stopped by a signal, a lost storage or
+    max_failures), then the sweep finished (parent.finish: the summary and the exit status)."""
+    sweep, study, out_dir = launch.sweep, launch.study, launch.out_dir
     print(f"workers: {len(slots)} ({', '.join(s.name for s in slots)}); logs in {out_dir / 'workers'}")
     # Workers inherit this process's environment plus their slot's, and write to the same MLflow store.
-    workers = pool.Pool(slots, worker_args, out_dir / "workers", env={"MLFLOW_TRACKING_URI": uri})
-    view = live.LiveView(live=False if args.no_live else None, notes=reachability.TrackingWatch(uri).notes)
-    failures = Failures(study)
+    workers = pool.Pool(slots, arguments, out_dir / "workers", env={"MLFLOW_TRACKING_URI": launch.uri})
+    view = live.LiveView(live=False if no_live else None, notes=reachability.TrackingWatch(launch.uri).notes)
+    failures = parent.Failures(study)
     interrupted = None
     interrupts.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))  # SIGHUP: the terminal was closed
-    grace = liveness.grace_s()
     try:
         workers.start()
-        while True:
-            hung = workers.kill_hung(grace)
-            for name, quiet in hung.items():
-                print(f"worker {name} hung (no sign of life for {quiet:.0f} s, e.g. stopped or stuck reading data): "
-                      "killed", flush=True)
-            running = workers.running  # before poll(): a worker that dies in between is seen by poll()
-            for name, (code, pid) in workers.poll().items():
-                what = f"hung for {hung[name]:.0f} s, killed" if name in hung else pool.describe_exit(code)
-                reap(study, sweep, uri, storage, f"worker {name} died ({what})")
-                blamed = blamed_trial(study, pid)
-                print(f"worker {name} died ({what})" + (f" running trial {blamed.number}" if blamed else "")
-                      + f"; see {out_dir / 'workers' / (name + '.log')}", flush=True)
-                # A death while running a trial is the trial's (its retries are limited by max_retries).
-                if budget.failure_streak(sweep, study):
-                    continue
-                if not workers.restart(name, charged=blamed is None):
-                    print(f"worker {name} died {pool.MAX_RESTARTS + 1} times without a trial to blame: not restarted")
-            failures.report(study)
-            if budget.failure_streak(sweep, study) or not (running or workers.running):
-                break
-            view.show(live.lines(sweep, study, workers, started))
-            time.sleep(POLL_S)
+        watch(launch, workers, view, failures, started)
     except Interrupted as stop:
         interrupted = stop
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the orderly stop short
-        if str(stop) == "SIGHUP":  # no terminal to print to any more: the rest goes to the sweep's log
-            sys.stdout = sys.stderr = open(out_dir / "sweep.log", "a", buffering=1)  # noqa: SIM115 - until exit
-        print(f"\n{worker.describe(stop)}: stopping workers (each marks its trial and ends its MLflow run KILLED) ...")
-        workers.stop(sig=signal.Signals[str(stop)] if str(stop) in ("SIGINT", "SIGTERM") else signal.SIGTERM)
+        stop_workers(workers, stop, out_dir)
     except patience.StorageUnreachable as lost:  # longer than LAB_STORAGE_OUTAGE_S: said in one sentence
         workers.stop()
-        records.end_parent(MlflowClient(uri), parent, patience.reason(lost.why))
+        records.end_parent(MlflowClient(launch.uri), launch.parent, patience.reason(lost.why))
         raise
     except BaseException:
         workers.stop()  # the parent owns its workers to the end: none goes on without it
@@ -193,58 +182,54 @@ def sweep_command(args) -> None:
     streak = budget.failure_streak(sweep, study)
     if streak and not interrupted:
         workers.stop()  # the rest of the pool asks for no new trial either; running ones are cut short
-    reap(study, sweep, uri, storage)
+    parent.reap(study, sweep, launch.uri, launch.storage)
     failures.report(study)
     view.show(live.lines(sweep, study, workers, started))
-    finish(sweep, study, parent, uri, interrupted, streak, deadline)
+    parent.finish(sweep, study, launch.parent, launch.uri, interrupted, streak, deadline)
 
 
-def finish(sweep, study, parent: str, uri: str, interrupted, streak, deadline) -> None:
-    """The parent run's summary and status, the best trial, and the exit status that says how it ended."""
-    client = MlflowClient(uri)
-    records.end_orphaned_runs(client, parent, study)
-    skipped = records.log_summary(client, parent, study)
-    if not interrupted:
-        records.log_best_model(client, uri, sweep, study)
-    used = budget.used_budget(study)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    why = None if interrupted or streak else stop_rules.reason(sweep.spec.stop, sweep.spec.metric, study)
-    ended = budget.done(sweep, study, studies.make_sampler(sweep)) or deadline is not None or why is not None
-    outcome.record_stop(client, parent, study, why)
-    if interrupted:
-        status = "KILLED"
-    else:
-        status = "FINISHED" if ended and complete and not streak else "FAILED"
-    client.set_terminated(parent, status)
-    if skipped and complete:
-        print(f"plots not drawn yet (need more completed trials): {', '.join(skipped)}")
-    outcome.print_best(sweep, study)
-    if why:
-        print(f"stopped: {why} ({used}/{sweep.spec.n_trials} trials used).")
-    if interrupted:
-        print(f"interrupted: run the same command again to resume ({used}/{sweep.spec.n_trials} trials used).")
-        sys.exit(EXIT_INTERRUPTED)
-    launch = study.user_attrs.get(studies.LAUNCH_ATTR, -1)
-    if status == "FAILED" and any(says_disk_full(budget.fail_reason(t)) for t in
-                                  study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number > launch):
-        print(f"lab: error: {DISK_FULL.format(where='')}", file=sys.stderr)
-    if streak:
-        reasons = sorted({budget.fail_reason(t) for t in streak})
-        print(f"stopped: {len(streak)} trials in a row failed (max_failures={sweep.spec.max_failures}), "
-              f"{used}/{sweep.spec.n_trials} trials used. Reason(s):", file=sys.stderr)
-        for reason in reasons:
-            print(f"  - {reason}", file=sys.stderr)
-        print("Fix the cause and run the same command again: failed trials do not use up n_trials.",
-              file=sys.stderr)
-        sys.exit(1)
-    if not complete:
-        print(f"no trial finished ({used}/{sweep.spec.n_trials} trials used); see the reasons above and the "
-              "worker logs.", file=sys.stderr)
-        sys.exit(1)
-    if status == "FAILED":
-        print(f"workers stopped before the budget was spent ({used}/{sweep.spec.n_trials}); see their logs.",
-              file=sys.stderr)
-        sys.exit(1)
+def watch(launch: Launch, workers: pool.Pool, view: live.LiveView, failures: parent.Failures, started: float) -> None:
+    """Until no worker runs or max_failures trials in a row failed: hung workers killed, dead ones reaped and
+    restarted, each new failure said once, the live view drawn every parent.POLL_S."""
+    grace = liveness.grace_s()
+    while True:
+        hung = workers.kill_hung(grace)
+        for name, quiet in hung.items():
+            print(f"worker {name} hung (no sign of life for {quiet:.0f} s, e.g. stopped or stuck reading data): "
+                  "killed", flush=True)
+        running = workers.running  # before poll(): a worker that dies in between is seen by poll()
+        for name, (code, pid) in workers.poll().items():
+            worker_died(launch, workers, name, code, pid, hung)
+        failures.report(launch.study)
+        if budget.failure_streak(launch.sweep, launch.study) or not (running or workers.running):
+            return
+        view.show(live.lines(launch.sweep, launch.study, workers, started))
+        time.sleep(parent.POLL_S)
+
+
+def worker_died(launch: Launch, workers: pool.Pool, name: str, code: int, pid: int, hung: dict[str, float]) -> None:
+    """Its trial reaped (queued again within max_retries), the death said, the worker started again unless
+    max_failures stops the sweep or it keeps dying without a trial to blame."""
+    sweep, study = launch.sweep, launch.study
+    what = f"hung for {hung[name]:.0f} s, killed" if name in hung else pool.describe_exit(code)
+    parent.reap(study, sweep, launch.uri, launch.storage, f"worker {name} died ({what})")
+    blamed = parent.blamed_trial(study, pid)
+    print(f"worker {name} died ({what})" + (f" running trial {blamed.number}" if blamed else "")
+          + f"; see {launch.out_dir / 'workers' / (name + '.log')}", flush=True)
+    # A death while running a trial is the trial's (its retries are limited by max_retries).
+    if budget.failure_streak(sweep, study):
+        return
+    if not workers.restart(name, charged=blamed is None):
+        print(f"worker {name} died {pool.MAX_RESTARTS + 1} times without a trial to blame: not restarted")
+
+
+def stop_workers(workers: pool.Pool, stop: Interrupted, out_dir: Path) -> None:
+    """An orderly stop on SIGINT/SIGTERM/SIGHUP: each worker marks its trial and ends its MLflow run KILLED."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the orderly stop short
+    if str(stop) == "SIGHUP":  # no terminal to print to any more: the rest goes to the sweep's log
+        sys.stdout = sys.stderr = open(out_dir / "sweep.log", "a", buffering=1)  # noqa: SIM115 - until exit
+    print(f"\n{worker.describe(stop)}: stopping workers (each marks its trial and ends its MLflow run KILLED) ...")
+    workers.stop(sig=signal.Signals[str(stop)] if str(stop) in ("SIGINT", "SIGTERM") else signal.SIGTERM)
 
 
 def worker_command(args) -> None:
@@ -263,7 +248,7 @@ def worker_command(args) -> None:
                           given=given)
     except Interrupted as stop:
         print(f"worker stopped by {worker.describe(stop)}", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(parent.EXIT_INTERRUPTED)
     except worker.FailureLimit as limit:
         print(f"worker stopped: {limit} (max_failures={sweep.spec.max_failures}). Reason(s):", file=sys.stderr)
         for reason in sorted({budget.fail_reason(t) for t in limit.streak}):

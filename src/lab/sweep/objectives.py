@@ -1,16 +1,13 @@
 """What a sweep optimizes and constrains: a sweep file's objectives and constraints, the metrics they may name,
-and their checks. spec.py builds on this module (SweepSpec's fields are these dataclasses)."""
+and their checks. spec.py builds on this module (SweepSpec's fields are these dataclasses); `spec` below is a
+spec.SweepSpec, left unannotated so that this module imports nothing of spec.py."""
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 
 from lab.errors import LabError
-
-if TYPE_CHECKING:  # annotations only: spec.py imports this module
-    from lab.sweep.spec import SweepSpec
 
 DIRECTIONS = ("maximize", "minimize")
 EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro")
@@ -40,12 +37,12 @@ def known_metric(name: str) -> bool:
     return name in EPOCH_METRICS + FINAL_METRICS + MODEL_METRICS or name.startswith("test/f1/")
 
 
-def objectives(spec: "SweepSpec") -> list[ObjectiveSpec]:
+def objectives(spec) -> list[ObjectiveSpec]:
     """What the study optimizes, in order: the file's objectives, or its one metric and direction."""
     return list(spec.objectives) or [ObjectiveSpec(spec.metric, spec.direction)]
 
 
-def check_objectives(spec: "SweepSpec", raw, path: Path) -> None:
+def check_objectives(spec, raw, path: Path) -> None:
     """objectives and constraints checked; metric/direction then name the first objective, so that code reading
     one metric (confirm, the live view) reads the first."""
     metrics = [o.metric for o in spec.objectives]

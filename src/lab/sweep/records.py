@@ -246,12 +246,12 @@ def log_best_model(client: MlflowClient, uri: str, sweep: Sweep, study: optuna.S
     run_id = ranking.model_run_id(best) if best is not None else None
     if not run_id:
         return
-    from lab.train import exported  # Lightning's imports, only for this
+    from lab.train import exported, rebuild  # Lightning's imports, only for this
 
     if tracking.MODEL_TAG in client.get_run(run_id).data.tags:
         return
     try:
-        module, datamodule = exported.rebuild(client, run_id, uri)
+        module, datamodule = rebuild.rebuild(client, run_id, uri)
         exported.log(run_id, module, datamodule, uri)
     except Exception as err:  # noqa: BLE001 - a model that cannot be logged must not fail a finished sweep
         print(f"warning: the best trial's model (trial {best.number}, run {run_id}) was not logged: "

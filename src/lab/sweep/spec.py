@@ -17,7 +17,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from lab import config
 from lab.errors import LabError, close_matches
-from lab.sweep import seeds, warm
+from lab.sweep import seeds
 from lab.sweep import stop as stop_rules
 from lab.sweep.objectives import (
     DIRECTIONS,
@@ -292,7 +292,7 @@ def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None
     check_seeds(spec, path)
     check_stack(spec, path)
     stop_rules.check(spec.stop, path)
-    warm.check(spec.warm_start, path)
+    check_warm_start(spec.warm_start, path)
     space = {name: distribution(name, p) for name, p in spec.params.items()}
     exp = [f"experiment={spec.experiment}"] if spec.experiment else []
     sweep = Sweep(spec, path, space, merge_overrides(exp, spec.overrides, list(extra_overrides)), list(extra_overrides),
@@ -312,6 +312,33 @@ def load(path: str | Path, extra_overrides: list[str] = (), n_trials: int | None
     if check:
         check_trials(sweep)
     return sweep
+
+
+WARM_STUDY_KEYS = ("study", "storage", "top")  # a warm_start entry that names a study (warm.from_study)
+WARM_DEFAULT_TOP = 5
+
+
+def plain(entry):
+    """A config node as plain Python (lists, dicts); anything else as it is."""
+    return OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else entry
+
+
+def check_warm_start(entries: list, path: Path) -> None:
+    """The shape of each warm_start entry; files and studies are read when the study is created (warm.resolve)."""
+    for i, entry in enumerate(map(plain, entries)):
+        if isinstance(entry, str) and entry.strip():
+            continue
+        if not isinstance(entry, dict):
+            raise LabError(f"{path}: warm_start[{i}]={entry!r} is not valid: give the path of a file `lab best` "
+                           "exported, or {study: NAME, storage: PATH_OR_URL, top: N}.")
+        unknown = sorted(set(entry) - set(WARM_STUDY_KEYS))
+        if unknown or not isinstance(entry.get("study"), str) or not entry["study"].strip():
+            raise LabError(f"{path}: warm_start[{i}]={entry!r} is not valid: a study entry takes study (required), "
+                           f"storage and top{f', not {unknown}' if unknown else ''}.")
+        top = entry.get("top", WARM_DEFAULT_TOP)
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+            raise LabError(f"{path}: warm_start[{i}].top={top!r} is not valid: give how many of the study's best "
+                           "trials to start from (1 or more).")
 
 
 def check_spec(spec: SweepSpec, path: Path) -> None:

@@ -1,8 +1,7 @@
-"""The Optuna study behind a sweep: storage, sampler, pruner, identity, create-or-resume, the start of a launch.
-The trial budget, retries and reaping live in budget.py.
-
-Journal file storage is the default (many processes on one host, no "database is locked"); RDB URLs
-(postgresql://, sqlite:///) serve studies shared across hosts and get heartbeats.
+"""The Optuna study behind a sweep: sampler, pruner, identity, create-or-resume, the start of a launch.
+The second pass of `lab sweep`: spec.py turned the file and options into a checked Sweep without opening any
+storage; this opens or creates its study (the storage itself: storage.py). The trial budget, retries and
+reaping live in budget.py.
 """
 import json
 import logging
@@ -12,14 +11,14 @@ import zlib
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import TrialState
 
-from lab import private, settings
+from lab import private
 from lab.errors import LabError
-from lab.sweep import journal, patience, trial_record, warm
+from lab.sweep import trial_record, warm
 from lab.sweep.objectives import objectives
 from lab.sweep.spec import Sweep, grid_values, same_overrides
+from lab.sweep.storage import open_storage
 from lab.uris import is_rdb, mask_password
 
 log = logging.getLogger(__name__)
@@ -41,33 +40,6 @@ def locate(sweep: Sweep, storage: str | None = None, out: str | None = None) -> 
     if not is_rdb(storage):
         storage = str(Path(storage).resolve())
     return out_dir, storage
-
-
-def open_storage(storage: str, repair: bool = False, create: bool = True):
-    """create=False: a journal or SQLite file that does not exist is an error, not a new empty study."""
-    if is_rdb(storage) and not create and storage.startswith("sqlite:///"):
-        if not Path(storage.removeprefix("sqlite:///")).is_file():
-            raise KeyError(storage)  # opening it would create an empty database
-    if is_rdb(storage):
-        try:
-            # A trial without a heartbeat for the grace period is failed and retried (LAB_HEARTBEAT_S, LAB_GRACE_S:
-            # 30 s, 120 s; shorter for tests and clusters whose schedulers pause jobs), read when a storage opens.
-            if storage.startswith("sqlite"):
-                return RDBStorage(storage, **settings.rdb_timing())
-            # A database server can restart under a running sweep: every call waits it out (patience.py), on
-            # connections checked before use (a restart leaves the pooled ones dead).
-            rdb = RDBStorage(storage, **settings.rdb_timing(), engine_kwargs={"pool_pre_ping": True})
-            return patience.PatientStorage(private.CachedStorage(rdb), storage)
-        except Exception as err:  # unreachable server, bad driver, bad URL
-            raise LabError(f"cannot open Optuna storage {mask_password(storage)}: {err}") from err
-    path = Path(storage)
-    journal.check(path)  # before anything could modify it
-    if not create and not path.is_file():
-        raise KeyError(storage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if repair:  # only where no worker is writing yet: the parent before it starts them
-        journal.repair(path)
-    return JournalStorage(journal.Journal(str(path)))
 
 
 def load(sweep: Sweep, storage: str, command: str = "lab sweep") -> optuna.Study:

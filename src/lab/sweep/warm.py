@@ -4,43 +4,23 @@ the first trials of a new study (only when it is created).
 `warm_start: [conf/experiment/quickstart_best.yaml, {study: quickstart, storage: runs/quickstart/study.journal,
 top: 5}]`. An exported file (`lab best`) carries its params on a `# params: {json}` line. Optuna accepts
 enqueued values outside the space with a warning and then trains them; here they are refused, by name.
+The entries' shape is checked with the rest of the file (spec.check_warm_start); they are read here, when
+study.py creates the study.
 """
 import json
 from pathlib import Path
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig, OmegaConf
 
 from lab import config
 from lab.errors import LabError
+from lab.sweep import ranking
+from lab.sweep.spec import WARM_DEFAULT_TOP, contains, encode_choice, plain
+from lab.sweep.storage import open_storage
 from lab.uris import mask_password
 
-STUDY_KEYS = ("study", "storage", "top")
-DEFAULT_TOP = 5
 ATTR = "lab.warm_start"  # user attr of an enqueued trial: where its configuration came from
-
-
-def _plain(entry):
-    return OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else entry
-
-
-def check(entries: list, path: Path) -> None:
-    """The shape of each entry; files and studies are read when the study is created (resolve)."""
-    for i, entry in enumerate(map(_plain, entries)):
-        if isinstance(entry, str) and entry.strip():
-            continue
-        if not isinstance(entry, dict):
-            raise LabError(f"{path}: warm_start[{i}]={entry!r} is not valid: give the path of a file `lab best` "
-                           "exported, or {study: NAME, storage: PATH_OR_URL, top: N}.")
-        unknown = sorted(set(entry) - set(STUDY_KEYS))
-        if unknown or not isinstance(entry.get("study"), str) or not entry["study"].strip():
-            raise LabError(f"{path}: warm_start[{i}]={entry!r} is not valid: a study entry takes study (required), "
-                           f"storage and top{f', not {unknown}' if unknown else ''}.")
-        top = entry.get("top", DEFAULT_TOP)
-        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-            raise LabError(f"{path}: warm_start[{i}].top={top!r} is not valid: give how many of the study's best "
-                           "trials to start from (1 or more).")
 
 
 def exported_file(text: str) -> Path:
@@ -68,9 +48,6 @@ def from_file(text: str) -> list[tuple[dict, str]]:
 
 
 def from_study(entry: dict) -> list[tuple[dict, str]]:
-    from lab.sweep import ranking
-    from lab.sweep.study import open_storage  # study.py imports this module
-
     name = entry["study"]
     storage = str(entry.get("storage") or Path("runs") / name / "study.journal")
     try:
@@ -78,7 +55,7 @@ def from_study(entry: dict) -> list[tuple[dict, str]]:
     except KeyError as err:
         raise LabError(f"warm_start: no study {name!r} in {mask_password(storage)}: run its sweep first, or give "
                        "storage: where it ran.") from err
-    best = ranking.ranked(source)[: int(entry.get("top", DEFAULT_TOP))]
+    best = ranking.ranked(source)[: int(entry.get("top", WARM_DEFAULT_TOP))]
     if not best:
         raise LabError(f"warm_start: study {name!r} in {mask_password(storage)} has no completed trial to start from.")
     return [(t.params, f"study {name} trial {t.number}") for t in best]
@@ -92,8 +69,6 @@ def describe(dist: optuna.distributions.BaseDistribution) -> str:
 
 
 def inside(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
-    from lab.sweep.spec import contains, encode_choice
-
     if isinstance(dist, optuna.distributions.CategoricalDistribution):
         return encode_choice(value) in dist.choices
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not contains(dist, value):
@@ -107,7 +82,7 @@ def resolve(sweep) -> list[tuple[dict, str]]:
     """(params, source) per configuration, in the file's order, checked against the sweep's space. Params the
     space does not search are dropped with a note in sweep.notes; a value outside the space is refused."""
     out = []
-    for i, entry in enumerate(map(_plain, sweep.spec.warm_start)):
+    for i, entry in enumerate(map(plain, sweep.spec.warm_start)):
         found = from_file(entry) if isinstance(entry, str) else from_study(entry)
         for params, source in found:
             dropped = sorted(set(params) - set(sweep.space))
@@ -124,8 +99,6 @@ def resolve(sweep) -> list[tuple[dict, str]]:
 
 
 def enqueue(study: optuna.Study, configurations: list[tuple[dict, str]]) -> None:
-    from lab.sweep.spec import encode_choice
-
     for params, source in configurations:
         study.enqueue_trial({k: encode_choice(v) for k, v in params.items()}, user_attrs={ATTR: source},
                             skip_if_exists=True)

@@ -27,7 +27,6 @@ from mlflow.tracking import MlflowClient
 from lab import private
 from lab.data import normalise
 from lab.data.normalise import Normalise
-from lab.errors import LabError
 from lab.train import tracking
 from lab.train.module import Classifier
 
@@ -180,33 +179,3 @@ def log(run_id: str, model: Classifier | torch.nn.Module, data, uri: str, exampl
     client.finalize_logged_model(logged.model_id, "READY")
     client.set_tag(run_id, tracking.MODEL_TAG, info.model_uri)
     return info.model_uri
-
-
-def rebuild(client: MlflowClient, run_id: str, uri: str):
-    """(Classifier with the run's tested weights, its set-up datamodule), for a run that logged no model (a sweep
-    with log_models: best): its config.yaml built again, which reads the data (class names, shape and
-    normalisation come from it), and its checkpoint tag loaded. LabError when either is missing."""
-    from lab.train import job  # job logs models through this module: imported when used
-
-    checkpoint = client.get_run(run_id).data.tags.get("checkpoint")
-    if not checkpoint or not Path(checkpoint).is_file():
-        where = f"its checkpoint {checkpoint} is not on this machine" if checkpoint else "it recorded no checkpoint"
-        raise LabError(f"run {run_id} has no logged model and {where}")
-    datamodule, module = job.build(run_config(run_id, uri))
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    module.load_state_dict(state["state_dict"])
-    return module, datamodule
-
-
-def run_config(run_id: str, uri: str):
-    """The resolved config.yaml a run logged (what rebuilds it)."""
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-    from omegaconf import OmegaConf
-
-    try:
-        with tracking_at(uri):
-            text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
-    except (MlflowException, OSError) as err:
-        raise LabError(f"run {run_id} has no config.yaml artifact to rebuild its model from ({err})") from err
-    return OmegaConf.create(text)

@@ -1,4 +1,4 @@
-"""The parent of a SLURM sweep. In the foreground it does what the local sweep's parent does (sweep/commands.py),
+"""The parent of a SLURM sweep. In the foreground it does what the local sweep's parent does (sweep/parent.py),
 with array tasks for worker processes: the live view with the tasks' states, the trials of tasks that ended or
 hung reaped, Ctrl-C/SIGTERM/SIGHUP turned into an scancel of the array, the sweep closed with the same exit
 codes. With --detach it submits and returns; the last worker closes the sweep."""
@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from lab import interrupts
 from lab.errors import Interrupted, LabError
 from lab.sweep import budget, live, liveness, pool, records, worker
+from lab.sweep import parent as sweep_parent
 from lab.sweep import stop as stop_rules
 from lab.sweep import study as studies
 from lab.sweep.slurm import settings
@@ -78,8 +79,6 @@ def log_of(array: Array, name: str) -> Path:
 
 def launch(args, array: Array, sweep: Sweep, study: optuna.Study, parent: str, uri: str, storage: str, out_dir: Path,
            worker_args: list[str], deadline: float | None) -> None:
-    from lab.sweep import commands  # its reap, Failures and finish; it imports this package
-
     n = args.workers or 1
     s = array.settings
     array.beat_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +88,7 @@ def launch(args, array: Array, sweep: Sweep, study: optuna.Study, parent: str, u
     where = (f"partition {s.partition or '(default)'} ({len(array.hosts)} node(s)), {s.cpus_per_task} CPU(s)"
              f"{f' {s.gpus_per_task} GPU(s)' if s.gpus_per_task else ''} and {s.time_min} min per task")
     if not work_left(sweep, study, deadline) and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        commands.finish(sweep, study, parent, uri, None, [], deadline)  # nothing to submit
+        sweep_parent.finish(sweep, study, parent, uri, None, [], deadline)  # nothing to submit
         return
     if not args.detach:  # from here a Ctrl-C cancels what was submitted
         interrupts.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))  # SIGHUP: the terminal was closed
@@ -114,7 +113,7 @@ def launch(args, array: Array, sweep: Sweep, study: optuna.Study, parent: str, u
 
     started = time.time()
     view = live.LiveView(live=False if args.no_live else None)
-    failures = commands.Failures(study)
+    failures = sweep_parent.Failures(study)
     interrupted, submits, hung, said = None, 0, {}, None
     trials_then = len(study.get_trials(deepcopy=False))  # at the last submission
     grace = liveness.grace_s()
@@ -128,7 +127,7 @@ def launch(args, array: Array, sweep: Sweep, study: optuna.Study, parent: str, u
                 if str(err) != said:
                     print(f"{err}; retrying", flush=True)
                 said = str(err)
-                time.sleep(commands.POLL_S)
+                time.sleep(sweep_parent.POLL_S)
                 continue
             said = None
             for name, (state, _node) in states.items():
@@ -144,7 +143,7 @@ def launch(args, array: Array, sweep: Sweep, study: optuna.Study, parent: str, u
                 if ended or requeued:  # requeued: preempted, or its node failed
                     what = f"hung for {hung[name]:.0f} s, cancelled" if name in hung else state
                     reaped = reap_task(study, sweep, uri, storage, name, f"SLURM task {name} ended ({what})")
-                    commands.reap(study, sweep, uri, storage)
+                    sweep_parent.reap(study, sweep, uri, storage)
                     if state != "COMPLETED" or reaped:
                         print(f"worker {name} {'requeued' if requeued else 'ended'} ({what})"
                               + (f" running trial {reaped[-1].number}" if reaped else "")
@@ -166,7 +165,7 @@ def launch(args, array: Array, sweep: Sweep, study: optuna.Study, parent: str, u
                           file=sys.stderr, flush=True)
                 break
             view.show(lines(sweep, study, array, started))
-            time.sleep(commands.POLL_S)
+            time.sleep(sweep_parent.POLL_S)
     except Interrupted as stop:
         interrupted = stop
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the orderly stop short
@@ -187,7 +186,7 @@ def launch(args, array: Array, sweep: Sweep, study: optuna.Study, parent: str, u
     for name, (state, _) in array.poll().items():
         if state not in PENDING | RUNNING:
             reap_task(study, sweep, uri, storage, name, f"SLURM task {name} ended ({state if state != ENDED else 'gone'})")
-    commands.reap(study, sweep, uri, storage)
+    sweep_parent.reap(study, sweep, uri, storage)
     failures.report(study)
     view.show(lines(sweep, study, array, started))
-    commands.finish(sweep, study, parent, uri, interrupted, streak, deadline)
+    sweep_parent.finish(sweep, study, parent, uri, interrupted, streak, deadline)
