@@ -3,7 +3,6 @@ replay; a sweep that fails, a fix, the rerun; typos and wrong options), read bac
 import json
 import signal
 import time
-import warnings
 
 import optuna
 import pytest
@@ -200,14 +199,13 @@ def test_budget_is_exact_when_workers_race_on_postgres(workdir, lab, start_lab, 
         (tmp / f"h{host}").mkdir()
         workers.append(start_lab("worker", path, "--storage", postgres, cwd=tmp / f"h{host}",
                                  env_extra={"LAB_TORCH_THREADS": "1"}))
+    outputs = []
     for proc in workers:
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out
+        outputs.append(out)
     trials = optuna.load_study(study_name="race", storage=postgres).get_trials()
-    # Exact: three trials use the budget, not four. A trial that failed on its own (seen once in CI, reason not
-    # kept then) uses none by design and is replaced; it is reported, not hidden.
-    failed = [(t.number, t.user_attrs.get("fail_reason")) for t in trials if t.state == TrialState.FAIL]
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 3 and len(trials) == 3 + len(failed), [(t.number, t.state.name) for t in trials]
-    if failed:
-        warnings.warn(f"trials failed while racing on PostgreSQL (they use no budget): {failed}", stacklevel=1)
+    # Exact: three trials use the budget, not four, and racing fails none of them. (A failure seen once in CI was
+    # only warned about and its reason lost; the reason and the workers' logs are what this message shows.)
+    failed = [(t.number, t.user_attrs.get("fail_reason")) for t in trials if t.state != TrialState.COMPLETE]
+    assert len(trials) == 3 and not failed, f"{failed}\n" + "\n".join(out[-3000:] for out in outputs)
