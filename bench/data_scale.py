@@ -44,14 +44,28 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def pss(pid: int) -> int:
+def pss(pid: int, field: str = "Pss") -> int:
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def pss_of(pid: int, under: str) -> int:
+    """PSS of the mappings of files whose path starts with `under` (the decoded cache)."""
+    total, inside = 0, False
+    try:
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                inside = under in line
+            elif inside and line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return total
 
 
 def rss(pid: int) -> int:
@@ -64,14 +78,16 @@ def rss(pid: int) -> int:
     return 0
 
 
-def run(args: list[str], cwd: Path, src: str | None, sample_workers: bool = False) -> dict:
+def run(args: list[str], cwd: Path, src: str | None, sample_workers: bool = False, cache: str = "") -> dict:
     """Runs `lab ARGS` under /usr/bin/time -v: wall s, peak RSS of the lab process; with sample_workers, the
-    largest summed PSS (and RSS) of its worker processes, sampled every 0.2 s."""
+    largest summed PSS (and RSS) of its worker processes, sampled every 0.2 s, and the largest summed anonymous
+    PSS plus PSS of the cache's files ("own": what is not shared library code, whose PSS varies with how many
+    other processes on the machine map torch)."""
     cmd, env = lab_cmd(src)
     start = time.monotonic()
     proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    peak = {"pss": 0, "rss": 0, "workers": 0}
+    peak = {"pss": 0, "rss": 0, "own": 0, "workers": 0}
 
     def sample():
         while proc.poll() is None:
@@ -80,6 +96,8 @@ def run(args: list[str], cwd: Path, src: str | None, sample_workers: bool = Fals
             if kids:
                 peak["pss"] = max(peak["pss"], sum(pss(k) for k in kids))
                 peak["rss"] = max(peak["rss"], sum(rss(k) for k in kids))
+                own = sum(pss(k, "Pss_Anon") + (pss_of(k, cache) if cache else 0) for k in kids)
+                peak["own"] = max(peak["own"], own)
                 peak["workers"] = max(peak["workers"], len(kids))
             time.sleep(0.2)
 
@@ -152,12 +170,16 @@ def main() -> None:
                                      "n_trials": 2, "sampler": {"name": "grid"},
                                      "params": {"model.optimizer.lr": {"type": "categorical",
                                                                        "choices": [0.001, 0.01]}}}))
-        got = run(["sweep", str(sweep), "--workers", "2", "--no-live"], tmp, args.src, sample_workers=True)
+        got = run(["sweep", str(sweep), "--workers", "2", "--no-live"], tmp, args.src, sample_workers=True,
+                  cache=str(cache))
         rows[f"sweep_{name}_pss_gb"], rows[f"sweep_{name}_rss_gb"] = got["pss"] / GB, got["rss"] / GB
+        rows[f"sweep_{name}_own_gb"] = got["own"] / GB
     base = rows["train_baseline_rss_gb"]
     rows["train_over_baseline_x_decoded"] = (rows["train_rss_gb"] - base) / rows["decoded_gb"]
     rows["sweep_over_baselines_x_decoded"] = ((rows["sweep_folder_pss_gb"] - rows["sweep_digits_pss_gb"])
                                               / rows["decoded_gb"])
+    rows["sweep_own_over_baselines_x_decoded"] = ((rows["sweep_folder_own_gb"] - rows["sweep_digits_own_gb"])
+                                                  / rows["decoded_gb"])
     if not args.skip_stream and not args.src:
         rows["batches_per_s"] = stream_vs_resident(root, cache, args.size, 32)
         rows["stream_over_resident"] = rows["batches_per_s"]["stream"] / rows["batches_per_s"]["resident"]
