@@ -134,10 +134,8 @@ def prepare() -> None:
 
 def train_command(argv: list[str]) -> None:
     import hydra
-    from hydra.core.hydra_config import HydraConfig
 
     from lab import config
-    from lab.train import compose_errors
 
     try:
         prepare()
@@ -148,22 +146,8 @@ def train_command(argv: list[str]) -> None:
     started = {}  # client and run_id once job.run has created the run
 
     def refuse(err: BaseException) -> None:
-        """Refused before its MLflow run exists: the outputs/<date>/<time> folder Hydra made holds only Hydra's
-        copy of the refused config and its log (libraries' start-up lines), so it goes. Its files only, and
-        the log only from a folder that is not the working one (hydra.run.dir=. appends to one log)."""
         if "run_id" not in started:
-            run_dir = Path(HydraConfig.get().runtime.output_dir)
-            here = Path.cwd().resolve()
-            ours = [f for f in (run_dir / ".hydra", run_dir, run_dir.parent, run_dir.parent.parent)  # outputs/<date>
-                    if f.resolve() != here and f.resolve() not in here.parents]
-            for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
-                (run_dir / ".hydra" / name).unlink(missing_ok=True)
-            log = run_dir / f"{HydraConfig.get().job.name}.log"
-            if log.is_file() and (run_dir in ours or log.stat().st_size == 0):
-                log.unlink()
-            for folder in ours:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only when empty
+            remove_refused_outputs()
         fail(err)
 
     @hydra.main(config_path=str(config.conf_dir()), config_name="train", version_base="1.3")
@@ -174,27 +158,63 @@ def train_command(argv: list[str]) -> None:
             rules.check(cfg)  # a bad number is said in 0.3 s, not after seconds of imports
         except LabError as err:
             refuse(err)
-        from lab.train import job, tracking  # Lightning, MLflow: seconds, not for --help or a composing mistake
-
-        try:
-            job.run(cfg, HydraConfig.get().runtime.output_dir, run_name=cfg.mlflow.run_name,
-                    tags={"lab.command": "lab train " + " ".join(HydraConfig.get().overrides.task)},
-                    on_run=lambda client, run_id: started.update(client=client, run_id=run_id))
-        except (KeyboardInterrupt, SystemExit) as stop:
-            # Lightning turns Ctrl-C inside fit into SystemExit(1) (and prints its own words); outside fit it is a
-            # KeyboardInterrupt. The run was ended KILLED either way (tracking.run).
-            if "run_id" not in started:
-                raise
-            raise Interrupted("Ctrl-C" if isinstance(stop, KeyboardInterrupt) or stop.code == 1 else str(stop)) from stop
-        except Exception as err:  # only user errors are shortened; the rest re-raise
-            if user_error(err) is None:
-                raise
-            refuse(user_error(err))
-        uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
-        print(tracking.summary(started["client"], uri, started["run_id"]), flush=True)
+        train(cfg, started, refuse)
 
     sys.argv = ["lab train", *with_overrides(expand_home(argv), config.search_path_override())]
     interrupts.install()  # the run ends KILLED, the exit status says so (not Lightning's SystemExit(1))
+    run_hydra(main, started)
+
+
+def remove_refused_outputs() -> None:
+    """Refused before its MLflow run exists: the outputs/<date>/<time> folder Hydra made holds only Hydra's copy
+    of the refused config and its log (libraries' start-up lines), so it goes. Its files only, and the log only
+    from a folder that is not the working one (hydra.run.dir=. appends to one log)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    here = Path.cwd().resolve()
+    ours = [f for f in (run_dir / ".hydra", run_dir, run_dir.parent, run_dir.parent.parent)  # outputs/<date>
+            if f.resolve() != here and f.resolve() not in here.parents]
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (run_dir / ".hydra" / name).unlink(missing_ok=True)
+    log = run_dir / f"{HydraConfig.get().job.name}.log"
+    if log.is_file() and (run_dir in ours or log.stat().st_size == 0):
+        log.unlink()
+    for folder in ours:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
+
+
+def train(cfg, started: dict, refuse) -> None:
+    """job.run in Hydra's output folder, then the run's summary. started gets the client and run id once the run
+    exists; refuse(err) ends the command on a user's error (one sentence, exit 2)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lab.train import job, tracking  # Lightning, MLflow: seconds, not for --help or a composing mistake
+
+    try:
+        job.run(cfg, HydraConfig.get().runtime.output_dir, run_name=cfg.mlflow.run_name,
+                tags={"lab.command": "lab train " + " ".join(HydraConfig.get().overrides.task)},
+                on_run=lambda client, run_id: started.update(client=client, run_id=run_id))
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # Lightning turns Ctrl-C inside fit into SystemExit(1) (and prints its own words); outside fit it is a
+        # KeyboardInterrupt. The run was ended KILLED either way (tracking.run).
+        if "run_id" not in started:
+            raise
+        raise Interrupted("Ctrl-C" if isinstance(stop, KeyboardInterrupt) or stop.code == 1 else str(stop)) from stop
+    except Exception as err:  # only user errors are shortened; the rest re-raise
+        if user_error(err) is None:
+            raise
+        refuse(user_error(err))
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    print(tracking.summary(started["client"], uri, started["run_id"]), flush=True)
+
+
+def run_hydra(main, started: dict) -> None:
+    """main() (a @hydra.main function) with Hydra's errors reaching lab's one-sentence messages, and an
+    interrupt said with what became of the run (exit status 130)."""
+    from lab.train import compose_errors
+
     # Without HYDRA_FULL_ERROR, Hydra prints its own errors and exits 1; with it, they reach the except below.
     # Whoever set it already wants full tracebacks, and keeps them.
     traces = os.environ.get("HYDRA_FULL_ERROR") == "1"

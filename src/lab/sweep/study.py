@@ -173,11 +173,7 @@ def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, r
     """`lab sweep`: create the study, or check that the stored one is the same experiment (space, metric,
     overrides), and store this launch's budget settings. join=True (`lab worker`): the study must exist;
     the overrides and the budget settings not in `given` (command-line options) are taken from it."""
-    try:
-        store = open_storage(storage, repair, create=not join)  # a worker creates no journal or database file
-        names = {s.study_name for s in optuna.study.get_all_study_summaries(store, include_best_trial=False)}
-    except KeyError:
-        names, store = set(), None
+    store, names = stored_studies(storage, repair, join)
     if join and sweep.spec.study not in names:
         raise LabError(f"no study {sweep.spec.study!r} in {mask_password(storage)}: a worker joins a study that "
                        f"exists; create it with `lab sweep {sweep.typed or sweep.path} --prepare` (same --storage) first.")
@@ -188,49 +184,78 @@ def create_or_resume(sweep: Sweep, storage: str, worker_id: str | None = None, r
                                 load_if_exists=True)
     if worker_id is not None:  # a resumed study: this worker's seed moved on by the trials already there
         study.sampler = make_sampler(sweep, worker_id, len(study.get_trials(deepcopy=False)))
-    stored = study.user_attrs
+    check_directions(sweep, study, storage)
+    if sweep.spec.study in names and study.user_attrs.get("lab.metric"):
+        check_identity(sweep, study, storage)
+        resume(sweep, study, join, given or set())
+    else:
+        initialise(sweep, study, warm_trials)
+    return study
+
+
+def stored_studies(storage: str, repair: bool, join: bool):
+    """(the storage opened, the names of the studies in it); (None, empty) for a file a worker finds missing."""
+    try:
+        store = open_storage(storage, repair, create=not join)  # a worker creates no journal or database file
+        return store, {s.study_name for s in optuna.study.get_all_study_summaries(store, include_best_trial=False)}
+    except KeyError:
+        return None, set()
+
+
+def check_directions(sweep: Sweep, study: optuna.Study, storage: str) -> None:
     wanted = [o.direction for o in objectives(sweep.spec)]
     if [d.name.lower() for d in study.directions] != wanted:  # create_study kept the stored ones silently
         before = ", ".join(d.name.lower() for d in study.directions)
         raise LabError(f"study {sweep.spec.study!r} in {mask_password(storage)} was created with direction(s) "
                        f"{before}, the sweep file now says {', '.join(wanted)}. Resuming would mix incomparable "
                        "trials: restore the file, or start a new study with --study NAME.")
-    if sweep.spec.study in names and stored.get("lab.metric"):
-        for key, now in identity(sweep).items():
-            if stored.get(key) != now:
-                what = key.removeprefix("lab.")
-                raise LabError(
-                    f"study {sweep.spec.study!r} in {mask_password(storage)} was created with {what}="
-                    f"{stored.get(key)}, the sweep file now says {what}={now}. Resuming would mix incomparable "
-                    "trials: restore the file, or start a new study with --study NAME."
-                )
-        before = stored_base(study)
-        if join:
-            for key, value in stored.get(BUDGET_ATTR, {}).items():
-                if key not in (given or set()):
-                    setattr(sweep.spec, key, value)
-        if join and before is not None and not sweep.cli_overrides:
-            sweep.base_overrides = list(before)
-        elif before is not None and same_overrides(before, sweep.base_overrides):
-            sweep.base_overrides = list(before)  # the same settings, typed in another order or notation
-        elif before is not None:
+
+
+def check_identity(sweep: Sweep, study: optuna.Study, storage: str) -> None:
+    """The stored study is the same experiment as the file's (identity()): else resuming would mix trials."""
+    stored = study.user_attrs
+    for key, now in identity(sweep).items():
+        if stored.get(key) != now:
+            what = key.removeprefix("lab.")
             raise LabError(
-                f"study {sweep.spec.study!r} was created with the overrides {' '.join(before) or '(none)'}; this "
-                f"launch gives {' '.join(sweep.base_overrides) or '(none)'}. Resuming would mix trials trained "
-                "differently: repeat the original overrides to resume, or add --study NEW_NAME to start a "
-                "separate study from the same file."
+                f"study {sweep.spec.study!r} in {mask_password(storage)} was created with {what}="
+                f"{stored.get(key)}, the sweep file now says {what}={now}. Resuming would mix incomparable "
+                "trials: restore the file, or start a new study with --study NAME."
             )
-    else:
-        # The first trials first, the identity last: a launch cut off in between is still a new study to the next
-        # one, which enqueues again (skip_if_exists: nothing twice) instead of resuming without them.
-        warm.enqueue(study, warm_trials)  # before the file's own enqueue list
-        for values in sweep.spec.enqueue:
-            study.enqueue_trial(values, skip_if_exists=True)
-        study.set_user_attr(BASE_ATTR, sweep.base_overrides)
-        study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
-        for key, value in sorted(identity(sweep).items(), key=lambda kv: kv[0] == "lab.metric"):
-            study.set_user_attr(key, value)  # lab.metric last: its presence is what marks the study as created
-    return study
+
+
+def resume(sweep: Sweep, study: optuna.Study, join: bool, given: set[str]) -> None:
+    """The sweep takes the stored study's overrides (a worker also its budget settings, but those in given),
+    or, for `lab sweep`, refuses overrides that differ from them."""
+    before = stored_base(study)
+    if join:
+        for key, value in study.user_attrs.get(BUDGET_ATTR, {}).items():
+            if key not in given:
+                setattr(sweep.spec, key, value)
+    if join and before is not None and not sweep.cli_overrides:
+        sweep.base_overrides = list(before)
+    elif before is not None and same_overrides(before, sweep.base_overrides):
+        sweep.base_overrides = list(before)  # the same settings, typed in another order or notation
+    elif before is not None:
+        raise LabError(
+            f"study {sweep.spec.study!r} was created with the overrides {' '.join(before) or '(none)'}; this "
+            f"launch gives {' '.join(sweep.base_overrides) or '(none)'}. Resuming would mix trials trained "
+            "differently: repeat the original overrides to resume, or add --study NEW_NAME to start a "
+            "separate study from the same file."
+        )
+
+
+def initialise(sweep: Sweep, study: optuna.Study, warm_trials: list[tuple[dict, str]]) -> None:
+    """A new study: its first trials (warm start, then the file's enqueue list), then its identity. The
+    identity last: a launch cut off in between is still a new study to the next one, which enqueues again
+    (skip_if_exists: nothing twice) instead of resuming without them."""
+    warm.enqueue(study, warm_trials)  # before the file's own enqueue list
+    for values in sweep.spec.enqueue:
+        study.enqueue_trial(values, skip_if_exists=True)
+    study.set_user_attr(BASE_ATTR, sweep.base_overrides)
+    study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
+    for key, value in sorted(identity(sweep).items(), key=lambda kv: kv[0] == "lab.metric"):
+        study.set_user_attr(key, value)  # lab.metric last: its presence is what marks the study as created
 
 
 def begin_launch(sweep: Sweep, study: optuna.Study) -> None:

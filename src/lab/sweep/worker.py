@@ -157,52 +157,70 @@ def work(sweep: Sweep, storage: str, out_dir: Path, worker_id: str, deadline: fl
     parent = records.parent_run(study, sweep, uri, storage)
     # Recorded in each trial's overrides (threads=N): a replay on this machine sums in the same order.
     threads = threads or torch.get_num_threads()
-    host, ran = socket.gethostname(), 0
+    ran = 0
     while True:
-        trial, mates = None, []  # mates: the trials that train in one stack with it (`stack: N`)
+        asked = []  # the trial this worker trains next, then the trials that train in one stack with it (`stack: N`)
         liveness.training(False)
         try:
             with signals_held(), budget.budget_lock(storage, sweep.spec.study):
-                budget.reap(study, storage, lambda t, why: abandon(study, t, why))
-                if deadline is not None and time.time() >= deadline:
-                    log.info("timeout reached: no new trials")
-                    break
-                streak = budget.failure_streak(sweep, study)
-                if streak:
-                    raise FailureLimit(streak)
-                why = stop_rules.reason(sweep.spec.stop, sweep.spec.metric, study)
-                if why:  # no new trial; running ones (this worker's own is done) finish
-                    stop_rules.record(study, why)
-                    log.info("stop rule: %s", why)
-                    break
-                if budget.done(sweep, study, study.sampler) and not budget.queued_retries(study):
-                    # Stay while others run: a trial whose worker died is retried once it is found stale.
-                    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                        break
-                else:
-                    trial = study.ask(sweep.space)  # a queued retry first: its budget was counted already
-                    for key, value in {"host": host, "pid": os.getpid(), "worker": worker_id, "threads": threads,
-                                       "device": os.environ.get("CUDA_VISIBLE_DEVICES", "cpu") or "cpu",
-                                       "checkpoint_dir": str(out_dir / f"trial_{trial.number:04d}" / "checkpoints"),
-                                       }.items():
-                        trial.set_user_attr(key, value)
-                    mates = stacking.ask_mates(sweep, study, trial, out_dir)
-            if trial is None:
+                asked, done = ask_next(sweep, study, storage, out_dir, worker_id, threads, deadline,
+                                       lambda t, why: abandon(study, t, why))
+            if done:
+                break
+            if not asked:
                 time.sleep(IDLE_POLL_S)
                 continue
-            state = (stacking.run_stack(sweep, study, [trial, *mates], parent, uri, run_one) if mates
+            trial, mates = asked[0], asked[1:]
+            state = (stacking.run_stack(sweep, study, asked, parent, uri, run_one) if mates
                      else run_one(sweep, study, trial, parent, uri, objective.run_trial))
         except Interrupted as stop:
             # Between the ask and the trial's own handling (run_one queues its trial again itself).
-            for asked in [trial, *mates] if trial is not None else []:
-                frozen = budget.stored(study, asked)
+            for one in asked:
+                frozen = budget.stored(study, one)
                 if frozen.state == TrialState.RUNNING:
                     budget.retry(study, frozen, f"interrupted by {describe(stop)}")
             raise
-        ran += 1 + len(mates)
+        ran += len(asked)
         log.info("trial %d %s", trial.number, state)
         records.update_best(MlflowClient(uri), parent, study)
     return ran
+
+
+def ask_next(sweep: Sweep, study: optuna.Study, storage: str, out_dir: Path, worker_id: str, threads: int,
+             deadline: float | None, abandon) -> tuple[list[optuna.Trial], bool]:
+    """With the budget lock held: the trials of dead workers reaped (abandon(trial, why)), then (this worker's
+    next trial and its stack mates, False); ([], True) when it is done (deadline, a stop rule, the budget
+    spent and nothing running that could need a retry); ([], False) to wait for the running ones. Raises
+    FailureLimit when the last max_failures trials failed."""
+    from lab.sweep import stacking
+
+    budget.reap(study, storage, abandon)
+    if deadline is not None and time.time() >= deadline:
+        log.info("timeout reached: no new trials")
+        return [], True
+    streak = budget.failure_streak(sweep, study)
+    if streak:
+        raise FailureLimit(streak)
+    why = stop_rules.reason(sweep.spec.stop, sweep.spec.metric, study)
+    if why:  # no new trial; running ones (this worker's own is done) finish
+        stop_rules.record(study, why)
+        log.info("stop rule: %s", why)
+        return [], True
+    if budget.done(sweep, study, study.sampler) and not budget.queued_retries(study):
+        # Stay while others run: a trial whose worker died is retried once it is found stale.
+        return [], not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    trial = study.ask(sweep.space)  # a queued retry first: its budget was counted already
+    for key, value in owner(trial, out_dir, worker_id, threads).items():
+        trial.set_user_attr(key, value)
+    return [trial, *stacking.ask_mates(sweep, study, trial, out_dir)], False
+
+
+def owner(trial: optuna.Trial, out_dir: Path, worker_id: str, threads: int) -> dict:
+    """What a trial records of the worker that runs it: where a reaper finds its process (host, pid), and what a
+    replay needs to sum in the same order (threads, device)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "worker": worker_id, "threads": threads,
+            "device": os.environ.get("CUDA_VISIBLE_DEVICES", "cpu") or "cpu",
+            "checkpoint_dir": str(out_dir / f"trial_{trial.number:04d}" / "checkpoints")}
 
 
 def follow_parent() -> None:
