@@ -20,8 +20,9 @@ demo: install
 	$(LAB) sweep sweeps/quickstart.yaml --workers 2
 	$(LAB) best sweeps/quickstart.yaml
 
-# Two test processes, a file each at a time: on 2 cores the suite takes ~15 min instead of ~27 (docs/design.md).
-TEST_PROCESSES ?= 2
+# Three test processes, a file each at a time, on 2 cores: the SLURM, server and outage files spend minutes
+# waiting on daemons with little CPU, and a third process keeps both cores busy meanwhile (docs/development.md).
+TEST_PROCESSES ?= 3
 
 test: install
 	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile --durations=30
