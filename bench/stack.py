@@ -1,0 +1,121 @@
+"""Stacked training (issue 24): ratios in one run, same machine, one torch thread per process.
+
+   LAB_TORCH_THREADS=1 .venv/bin/python bench/stack.py [--append]   (about 3 minutes on 2 cores)
+
+Rows:
+- digits MLP 64-128-10, 8 members: lab's Stack step (vmap over 8) against a plain PyTorch loop training the 8
+  one after another, in this process, same batches per member (samples/s of all members together).
+- 16-trial digits-MLP sweep (`lab sweep`, 1 worker, experiment digits_mlp: 20 epochs): `stack: 8` against `stack: 1`, trials per hour of
+  the whole command (start-up, MLflow records, tests included). Target >= 2x.
+- one `seeds: 5` trial: stacked (the default) against `stack_seeds: false` (one seed after another). Target >= 2x.
+- Fashion-MNIST CNN (2x conv-BN-ReLU-pool, dense 128, batch 128), 8 members: Stack step against the plain loop,
+  in process, 30 steps each; no target on a CPU (its convolutions are compute-bound here).
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# The lecture's digits MLP (conf/experiment/digits_mlp.yaml: hidden 128, dropout 0.1, 20 epochs, batch 64).
+DIGITS = ["experiment=digits_mlp", "trainer.enable_progress_bar=false"]
+LR = {"model.optimizer.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
+      "model.net.dropout": {"type": "float", "low": 0.0, "high": 0.3}}
+
+
+def sweep_seconds(body: dict) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.yaml"
+        path.write_text(json.dumps({"study": "bench", "metric": "val/acc", "overrides": DIGITS,
+                                    "sampler": {"name": "random", "seed": 0}, "log_models": "best", **body}))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LAB_"))}
+        env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db", LAB_TORCH_THREADS="1")
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "lab.cli", "sweep", str(path), "--workers", "1", "--no-live"],
+                              cwd=tmp, env=env, capture_output=True, text=True, timeout=1800)
+        took = time.perf_counter() - start
+        if done.returncode or "one at a time" in done.stdout + done.stderr:
+            sys.exit(f"sweep {body}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return took
+
+
+def in_process(overrides: list[str], k: int, steps: int) -> tuple[float, float]:
+    """(plain loop samples/s, Stack samples/s), k members, `steps` batches each."""
+    from lab.config import load
+    from lab.train import job, stack
+
+    cfg = load([*overrides, "threads=1"])
+    dm = job.instantiate(cfg.data)
+    dm.setup("fit")
+    cfgs = [cfg] * k
+    models, gens = stack.build_members(cfgs, dm)
+    s = stack.Stack(cfgs, models, gens, dm, torch.device("cpu"))
+    batches = [b for _, b in zip(range(steps), s.epoch_batches())]
+    nets = [m.net for m in stack.build_members(cfgs, dm)[0]]
+    opts = [torch.optim.Adam(n.parameters(), lr=1e-3) for n in nets]
+
+    def plain():
+        for j, (net, opt) in enumerate(zip(nets, opts)):
+            net.train()
+            for x, y in batches:
+                loss = torch.nn.functional.cross_entropy(net(x[j]), y[j])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+    def stacked():
+        for x, y in batches:
+            s.train_step(x, y)
+
+    samples = k * sum(y.shape[1] for _, y in batches)
+    rates = []
+    for fn in (plain, stacked):
+        fn()  # warm-up
+        start = time.perf_counter()
+        fn()
+        rates.append(samples / (time.perf_counter() - start))
+    return rates[0], rates[1]
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    load = os.getloadavg()[0]
+    mlp_plain, mlp_stack = in_process(["data=digits", "model=mlp", "model.net.hidden=[128]"], 8, 20)
+    cnn = ["experiment=fashion_mnist_cnn", "model.net.dropout=0", "data.root=/usr/share/datasets/fashion-mnist",
+           "data.download=false"]
+    cnn_plain, cnn_stack = in_process(cnn, 8, 30)
+    one = sweep_seconds({"n_trials": 16, "stack": 1, "params": LR})
+    eight = sweep_seconds({"n_trials": 16, "stack": 8, "params": LR})
+    seeds_stack = sweep_seconds({"n_trials": 1, "seeds": 5, "params": LR})  # stacked first here: load drifts
+    seeds_seq = sweep_seconds({"n_trials": 1, "seeds": 5, "stack_seeds": False, "params": LR})
+    rows = [
+        ("digits MLP 64-128-10, 8 members, in process: Stack vs plain loop one after another",
+         f"{mlp_stack:,.0f} vs {mlp_plain:,.0f} samples/s", mlp_stack / mlp_plain),
+        ("16-trial digits-MLP sweep (digits_mlp, 20 epochs, lr and dropout searched), 1 worker: stack: 8 vs stack: 1",
+         f"{16 * 3600 / eight:,.0f} vs {16 * 3600 / one:,.0f} trials/h ({eight:.1f} s vs {one:.1f} s)", one / eight),
+        ("one seeds: 5 trial: stacked vs one seed after another",
+         f"{seeds_stack:.1f} s vs {seeds_seq:.1f} s", seeds_seq / seeds_stack),
+        ("Fashion-MNIST CNN (BN, batch 128), 8 members, in process: Stack vs plain loop (no target on CPU)",
+         f"{cnn_stack:,.0f} vs {cnn_plain:,.0f} samples/s", cnn_stack / cnn_plain),
+    ]
+    lines = [f"## Stacked training (issue 24), {date.today()}, {platform.machine()} {os.cpu_count()} CPU cores, "
+             f"torch {torch.__version__}, 1 thread, load average {load:.1f} before",
+             "", "`LAB_TORCH_THREADS=1 .venv/bin/python bench/stack.py --append`", "",
+             "| row | measured | ratio |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {what} | {ratio:.2f}x |" for name, what, ratio in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if "--append" in sys.argv:
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
