@@ -190,7 +190,7 @@ def better(cfg: DictConfig, value: float, best: float | None) -> bool:
 
 def save_best(m: Member, model, epoch: int, step: int) -> str:
     """The member's best epoch as a weights-only checkpoint in Lightning's layout and name (epoch=E-step=S.ckpt,
-    as ModelCheckpoint writes): trainer.test, `lab predict` and exported.rebuild load it as one model's."""
+    as ModelCheckpoint writes): trainer.test, `lab predict` and rebuild.rebuild load it as one model's."""
     folder = m.out_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"epoch={epoch}-step={step}.ckpt"
