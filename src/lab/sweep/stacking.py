@@ -2,7 +2,7 @@
 up to N trials of one structure as one stack, each member its own Optuna trial and MLflow run.
 
 Seeds: a trial with `seeds: K` trains the seeds it has left as one stack, unless the pruner is wilcoxon,
-which decides between seeds and so needs them one after another (spec.stack_notes says which, up front).
+which decides between seeds and so needs them one after another (stack_spec.stack_notes says which, up front).
 """
 import logging
 from pathlib import Path
