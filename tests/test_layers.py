@@ -21,6 +21,7 @@ FORBIDDEN = {
     "uris.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
     "figures.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
     "locks.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
+    "processes.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli", "lab.server"),
     "interrupts.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
     # Optuna's and MLflow's private names (tests/test_private_apis.py): train/ and sweep/ both use it.
     "private.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli", "lab.server"),

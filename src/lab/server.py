@@ -16,7 +16,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-from lab import interrupts, uris
+from lab import interrupts, processes, uris
 from lab.errors import LabError
 from lab.train import tracking
 
@@ -93,25 +93,15 @@ def start(cmd: list[str], env: dict[str, str], log) -> subprocess.Popen:
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     """SIGTERM to the whole group (the uvicorn workers too, which outlive a killed `mlflow server`), SIGKILL to
     what is left after grace_s."""
     with suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     end = time.time() + grace_s
-    while time.time() < end and (proc.poll() is None or group_alive(proc.pid)):
+    while time.time() < end and (proc.poll() is None or processes.alive(proc.pid, group=True)):
         time.sleep(0.1)
-    if group_alive(proc.pid):
+    if processes.alive(proc.pid, group=True):
         with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -1,7 +1,6 @@
 """The trial budget: what counts towards n_trials and max_failures, retrying trials that were cut off, and
 reaping the trials of workers that died, under a lock that makes the budget exact across workers."""
 import contextlib
-import os
 import socket
 import zlib
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from lab import private, settings
+from lab import private, processes, settings
 from lab.errors import LabError
 from lab.locks import file_lock
 from lab.sweep import patience
@@ -113,16 +112,6 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str, max
     return again
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stale_trials(study: optuna.Study, storage: str) -> list[tuple[optuna.trial.FrozenTrial, str]]:
     """(trial, why) for each RUNNING trial whose worker is gone: on this host, a dead process id (any storage);
     on RDB storage also a heartbeat older than the grace period (a host that died). Call with the budget lock
@@ -131,7 +120,7 @@ def stale_trials(study: optuna.Study, storage: str) -> list[tuple[optuna.trial.F
     host = socket.gethostname()
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     stale = {t.number: "worker process died" for t in running
-             if t.user_attrs.get("host") == host and "pid" in t.user_attrs and not pid_alive(int(t.user_attrs["pid"]))}
+             if t.user_attrs.get("host") == host and "pid" in t.user_attrs and not processes.alive(int(t.user_attrs["pid"]))}
     stale.update({t.number: "its worker died before it started (no owner recorded)" for t in running
                   if "pid" not in t.user_attrs})
     timing = settings.rdb_timing()
