@@ -98,8 +98,8 @@ def test_experiment_trains_one_epoch(experiment, small_data, mlflow_uri, tmp_pat
 ])
 def test_net_sizes_and_dropout_out_of_range_are_refused_before_a_run(overrides, named):
     """They used to end in a torch traceback when the net was built, or train a net that cannot learn."""
+    from lab.config_schema import check_config
     from lab.errors import LabError
-    from lab.train.job import check_config
 
     with pytest.raises(LabError) as err:
         check_config(load(["data=synthetic", *overrides]))
@@ -107,7 +107,7 @@ def test_net_sizes_and_dropout_out_of_range_are_refused_before_a_run(overrides, 
 
 
 def test_in_range_net_values_pass():
-    from lab.train.job import check_config
+    from lab.config_schema import check_config
 
     check_config(load(["data=synthetic", "model=mlp", "model.net.hidden=[]", "model.net.dropout=0.0"]))
     check_config(load(["data=synthetic", "model=cnn", "model.net.channels=[8]", "model.net.dropout=0.5"]))

@@ -16,6 +16,8 @@ FORBIDDEN = {
     # The options of every command: read before anything heavy loads (test_cli checks no torch, no MLflow).
     "arguments.py": ("lab.train", "lab.sweep", "lab.analysis", "lab.cli", "lab.server"),
     "config.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
+    # The config's schema: data/ and train/ constructors check their arguments by it.
+    "config_schema.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli", "lab.server"),
     "settings.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
     "errors.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),
     "uris.py": ("lab.data", "lab.train", "lab.sweep", "lab.analysis", "lab.cli"),

@@ -152,10 +152,10 @@ def train_command(argv: list[str]) -> None:
 
     @hydra.main(config_path=str(config.conf_dir()), config_name="train", version_base="1.3")
     def main(cfg) -> None:
-        from lab.train import rules
+        from lab import config_schema
 
         try:
-            rules.check(cfg)  # a bad number is said in 0.3 s, not after seconds of imports
+            config_schema.check_rules(cfg)  # a bad number is said in 0.3 s, not after seconds of imports
         except LabError as err:
             refuse(err)
         train(cfg, started, refuse)

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from lab.config_schema import check, check_arguments
 from lab.data import placing
 from lab.data.augment import Augment
 from lab.data.batches import IndexBatches, StreamedBatches
@@ -95,6 +96,7 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def to_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
+    check("data.channels", channels)
     if channels is None or x.shape[1] == channels:
         return x
     if channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma, as PIL's convert("L")
@@ -103,7 +105,8 @@ def to_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
                         lambda c: (c.float() * weights).sum(1, keepdim=True).round_().to(torch.uint8))
     if channels == 3 and x.shape[1] == 1:
         return x.expand(-1, 3, -1, -1).contiguous()
-    raise LabError(f"data.channels={channels} is not valid: use 1 (grayscale), 3 (RGB) or null (as stored).")
+    raise LabError(f"data.channels={channels} cannot be made from the data's {x.shape[1]}-channel images: use "
+                   "null to keep them as stored.")
 
 
 def channel_stats(split: Split, limit: int = STATS_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,14 +152,9 @@ class TensorDataModule(pl.LightningDataModule):
         resident_max_gb: float | None = None,
     ):
         super().__init__()
-        if int(batch_size) < 1:
-            raise LabError(f"data.batch_size={batch_size} is not valid: it must be a positive integer.")
-        if image_size is not None and int(image_size) < 1:
-            raise LabError(f"data.image_size={image_size} is not valid: it must be a positive number of pixels.")
-        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0 < value < 1:
-                raise LabError(f"data.{name}={value} is not valid: it must lie strictly between 0 and 1.")
-        self.batch_size, self.image_size, self.channels = int(batch_size), image_size, channels
+        check_arguments("data", batch_size=batch_size, image_size=image_size, channels=channels,
+                        val_fraction=val_fraction, test_fraction=test_fraction)
+        self.batch_size, self.image_size, self.channels = batch_size, image_size, channels
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.normalize = normalize
         self.augment = Augment(**(augment or {}))

@@ -426,7 +426,8 @@ def check_paths(sweep: Sweep) -> None:
     of a range and for every choice of a categorical (checked as values, not by composing one config each)."""
     from hydra.utils import instantiate
 
-    from lab.train import compose_errors, job  # the checks lab train makes; Lightning's imports, once per launch
+    from lab import config_schema  # the checks lab train makes (Lightning's imports, once per launch)
+    from lab.train import compose_errors
 
     def compose(overrides: list[str], what: str):
         try:
@@ -439,7 +440,7 @@ def check_paths(sweep: Sweep) -> None:
                            "path that exists, such as model.optimizer.lr, data.batch_size, data.image_size or "
                            "model.net.dropout.") from err
         try:
-            job.check_config(cfg)
+            config_schema.check_config(cfg)
         except LabError as err:
             raise LabError(f"{sweep.path}: {what}: {err}") from err
         return cfg
@@ -467,7 +468,7 @@ def check_paths(sweep: Sweep) -> None:
             # Each value as Hydra reads the trial's override (a quoted "64" in the file is the number 64 then).
             values = (parser.parse_override(sweep.trial_overrides({name: value})[0]).value() for value in dist.choices)
             try:
-                job.check_values(cfg, override_key(name),
+                config_schema.check_values(cfg, override_key(name),
                                  (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for v in values))
             except LabError as err:
                 raise LabError(f"{sweep.path}: params.{name}: {err}") from err

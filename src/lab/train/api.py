@@ -35,9 +35,9 @@ def output_dir(root: Path | None = None) -> Path:
 
 def compose(overrides: list[str]):
     """The checked config, or LabError with the sentence `lab train` prints."""
-    from lab import config, settings
+    from lab import config, config_schema, settings
     from lab.errors import LabError
-    from lab.train import compose_errors, rules
+    from lab.train import compose_errors
 
     settings.check()
     config.make_importable()
@@ -50,7 +50,7 @@ def compose(overrides: list[str]):
         if message is None:
             raise
         raise LabError(message) from None
-    rules.check(cfg)
+    config_schema.check_rules(cfg)
     return cfg
 
 

@@ -51,9 +51,9 @@ def sentence(err: BaseException) -> str | None:
             keys |= config.groups()
         params, name = {}, ""
         if path == "trainer" or "_target_" in parent:
-            from lab.train import job
+            from lab import config_schema
             # The whole config the key was missing from: OmegaConf offers no public way from a node to its root.
-            params, name = job.accepted_keys(parent._get_root(), path)  # noqa: SLF001
+            params, name = config_schema.accepted_keys(parent._get_root(), path)  # noqa: SLF001
             params = params or {}
         plus = re.search(r"use (\+\S.*)$", str(err), re.MULTILINE)
         if leaf in params and plus:

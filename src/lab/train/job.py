@@ -2,14 +2,10 @@
 
 run() is what `lab train` and every sweep trial execute, so a trial replays as a plain `lab train`.
 """
-import importlib
-import inspect
 import logging
 import math
 import re
 import time
-import types
-import typing
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -21,12 +17,12 @@ from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.plugins.environments import LightningEnvironment
 
-from lab import settings
+from lab import config_schema, settings
 from lab.data.folder import ImageFolder
-from lab.errors import LabError, unknown_key
-from lab.train import checkpoints, exported, measure, memory, misclassified, rules, tracking
+from lab.errors import LabError
+from lab.train import checkpoints, exported, measure, memory, misclassified, tracking
 from lab.train.checkpoints import LastCheckpoint
-from lab.train.module import Diverged, call_factory
+from lab.train.module import Diverged
 
 log = logging.getLogger(__name__)
 
@@ -55,145 +51,6 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     # any host with SLURM installed it hints about srun on every run.
     kwargs.setdefault("plugins", [LightningEnvironment()])
     return kwargs
-
-
-# -- the config checked before any MLflow run exists ------------------------------------------------------
-# A bad value used to surface as a torch or Lightning traceback mid-fit, with a FAILED run left behind.
-# rules.RULES holds the values lab knows more about than a signature says; the rest is read from signatures.
-
-TRAINER_SET_BY_LAB = ("logger", "callbacks", "default_root_dir")
-
-
-def target_params(target) -> dict[str, inspect.Parameter] | None:
-    """The keyword arguments a class or function accepts, following **kwargs up a class's bases;
-    None when it takes any keyword (or its signature cannot be read)."""
-    chain = [c for c in target.__mro__ if "__init__" in vars(c)] if isinstance(target, type) else [target]
-    params: dict[str, inspect.Parameter] = {}
-    for obj in chain:
-        if obj is object:
-            return None
-        fn = obj.__init__ if isinstance(target, type) else obj
-        try:
-            sig = inspect.signature(fn, eval_str=True)
-        except Exception:  # noqa: BLE001 - an annotation that does not evaluate: keep the names only
-            try:
-                sig = inspect.signature(fn)
-            except (TypeError, ValueError):
-                return None
-        takes_any = False
-        for name, p in sig.parameters.items():
-            if p.kind is p.VAR_KEYWORD:
-                takes_any = True
-            elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name != "self":
-                params.setdefault(name, p)
-        if not takes_any:
-            return params
-    return None
-
-
-def _numbers(p: inspect.Parameter) -> set[type] | None:
-    """The types a parameter admits when they are all numbers ({int}, {int, float}, {int, bool}...), else None.
-    No annotation: a number default admits any number."""
-    ann = p.annotation
-    if ann is inspect.Parameter.empty:
-        return {int, float} if rules.number(p.default) else None
-    members = set(typing.get_args(ann)) if typing.get_origin(ann) in (typing.Union, types.UnionType) else {ann}
-    members.discard(type(None))
-    return members if members and members <= {int, float, bool} else None
-
-
-def _check_value(key: str, value, p: inspect.Parameter) -> None:
-    kinds = _numbers(p)
-    if kinds is None or value is None or type(value) in kinds or (float in kinds and rules.whole(value)):
-        return
-    what = "a whole number" if kinds == {int} else "a number"
-    raise LabError(f"{key}={value!r} is not valid: it must be {what}.")
-
-
-def accepted_keys(cfg: DictConfig, path: str) -> tuple[dict[str, inspect.Parameter] | None, str]:
-    """What the object built from the config node at path accepts, and its name for messages:
-    Lightning's Trainer for `trainer`, the _target_ of a node that has one; (None, '') otherwise."""
-    if path == "trainer":
-        params = {k: v for k, v in target_params(pl.Trainer).items() if k not in TRAINER_SET_BY_LAB}
-        return params, "Lightning's Trainer"
-    node = OmegaConf.select(cfg, path) if path else cfg
-    if not isinstance(node, DictConfig) or "_target_" not in node:
-        return None, ""
-    target_path = str(node._target_)
-    return target_params(locate(f"{path}._target_", target_path)), target_path
-
-
-def locate(key: str, dotted: str):
-    """The class or function a _target_ names: the longest importable module prefix, then attributes."""
-    parts = dotted.split(".")
-    for i in range(len(parts), 0, -1):
-        module = ".".join(parts[:i])
-        try:
-            obj = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name is not None and not module.startswith(err.name):
-                raise  # the module exists but one of its own imports is missing: not the user's typo
-            continue
-        for j, attr in enumerate(parts[i:], start=i):
-            if not hasattr(obj, attr):
-                raise LabError(f"{key}={dotted} is not valid: {'.'.join(parts[:j])} has no {attr!r}.")
-            obj = getattr(obj, attr)
-        return obj
-    raise LabError(f"{key}={dotted} is not valid: there is no module {parts[0]!r}.")
-
-
-def _check_leaf(key: str, value, param: inspect.Parameter | None) -> None:
-    """RULES for the keys that have one, else the type the argument it feeds admits."""
-    if key in rules.RULES:
-        rules.check_leaf(key, value)
-    elif param is not None:
-        _check_value(key, value, param)
-
-
-def _check_node(cfg: DictConfig, node: DictConfig, path: str) -> None:
-    params, name = accepted_keys(cfg, path)
-    if params is not None:  # lab passes the required ones it does not take from the config (params, in_shape...)
-        params = {k: p for k, p in params.items() if p.default is not p.empty or k in node}
-    for key in node.keys():
-        key = str(key)
-        full = f"{path}.{key}" if path else key
-        if key.startswith("_") and key.endswith("_") or OmegaConf.is_missing(node, key):
-            continue
-        if path == "trainer" and key in TRAINER_SET_BY_LAB:
-            raise LabError(f"{full} is not valid: lab sets the Trainer's {key} itself; remove the override.")
-        if params is not None and key not in params:
-            raise unknown_key(full, params, name)
-        value = node[key]
-        _check_leaf(full, value, params[key] if params is not None else None)
-        if isinstance(value, DictConfig):
-            _check_node(cfg, value, full)
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Every key of trainer and of each _target_ node is an argument of what it builds, numbers are numbers,
-    RULES hold, and the optimizer and scheduler accept their settings: all before any MLflow run exists."""
-    for key in ("seed", "trainer"):
-        if key not in cfg:
-            raise LabError(f"{key} is missing from the config: conf/train.yaml sets it.")
-    _check_node(cfg, cfg, "")
-    optimizer_cfg = cfg.get("model", {}).get("optimizer")
-    if optimizer_cfg is not None:  # torch checks the rest (betas, eps, ...) when it builds one
-        dummy = [torch.nn.Parameter(torch.zeros(1))]
-        optimizer = call_factory(instantiate(optimizer_cfg), dummy, "model.optimizer")
-        if cfg.model.get("scheduler") is not None:
-            call_factory(instantiate(cfg.model.scheduler), optimizer, "model.scheduler")
-
-
-def check_values(cfg: DictConfig, key: str, values) -> None:
-    """Each key=value checked as check_config would check it inside cfg, without composing cfg again for each:
-    a sweep's categorical may list thousands of values."""
-    parent, _, leaf = key.rpartition(".")
-    params, _ = accepted_keys(cfg, parent)
-    current = OmegaConf.select(cfg, key, default=None)
-    for value in values:
-        _check_leaf(key, value, (params or {}).get(leaf))
-        if rules.number(current) and not rules.number(value) and value is not None:
-            raise LabError(f"{key}={value!r} is not valid: it is a number in the config ({current!r}).")
 
 
 def set_threads(cfg: DictConfig) -> None:
@@ -302,7 +159,7 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
     read starts the run afresh (tag lab.resume says which happened). require: a metric the run must produce,
     finite, or it ends FAILED (as the sweep's trial does).
     """
-    check_config(cfg)
+    config_schema.check_config(cfg)  # before any MLflow run exists: a bad value is one sentence
     set_threads(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     with memory.guard(cfg):  # before a run exists: said, nothing left FAILED

@@ -10,29 +10,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from lab.config_schema import call_factory, check_arguments
 from lab.errors import LabError
 from lab.train import metrics
-
-
-def target_name(factory) -> str:
-    """torch.optim.Adam for a functools.partial of it (what Hydra's _partial_: true makes)."""
-    func = getattr(factory, "func", factory)
-    module = getattr(func, "__module__", "") or ""
-    if module.startswith("torch.optim"):  # torch.optim.adam.Adam -> torch.optim.Adam, as conf/ names it
-        module = "torch.optim.lr_scheduler" if "lr_scheduler" in module else "torch.optim"
-    return f"{module}.{getattr(func, '__qualname__', func)}".lstrip(".")
-
-
-def call_factory(factory, arg, key: str):
-    """factory(arg), with the ValueError/TypeError a torch optimizer or scheduler raises for a bad setting
-    ("Invalid learning rate: -0.01", "'<=' not supported between 'float' and 'str'") turned into a
-    LabError naming the config key. train.check_config calls this on a dummy parameter before any run exists."""
-    try:
-        return factory(arg)
-    except (TypeError, ValueError) as err:
-        raise LabError(f"{key} is not valid: {target_name(factory)} rejected its settings ({err}); "
-                       f"`lab train --cfg job` prints them.") from err
-
 
 # cross_entropy: softmax over K logits. bce: one logit z, P(class 1) = sigmoid(z), as the Keras cats-vs-dogs
 # lesson's single sigmoid unit. mse: mean over the K classes of (softmax p - one-hot)^2, as the slides define it.
@@ -62,10 +42,7 @@ class Classifier(pl.LightningModule):
                  label_smoothing: float = 0.0, l1: float = 0.0, scheduler_monitor: str = "val/loss",
                  loss: str = "cross_entropy", backbone_lr_scale: float = 1.0):
         super().__init__()
-        if not 0 <= label_smoothing < 1:
-            raise LabError(f"model.label_smoothing={label_smoothing} is not valid: use a value in [0, 1).")
-        if l1 < 0:
-            raise LabError(f"model.l1={l1} is not valid: the L1 penalty weight must be >= 0.")
+        check_arguments("model", label_smoothing=label_smoothing, l1=l1, backbone_lr_scale=backbone_lr_scale)
         self.net, self.optimizer_factory, self.scheduler_factory = net, optimizer, scheduler
         self.class_names = list(class_names)
         self.label_smoothing, self.l1, self.scheduler_monitor = label_smoothing, l1, scheduler_monitor
@@ -82,9 +59,6 @@ class Classifier(pl.LightningModule):
                                "reset_classifier(n) to give it one; use model.loss=cross_entropy.")
             net.reset_classifier(1)
         self.backbone_lr_scale = backbone_lr_scale
-        if not 0 <= backbone_lr_scale < math.inf:
-            raise LabError(f"model.backbone_lr_scale={backbone_lr_scale} is not valid: give the backbone's learning "
-                           "rate as a fraction of the head's, >= 0 (0: frozen, 0.1: a tenth, 1: the same).")
         if backbone_lr_scale != 1 and not hasattr(net, "backbone"):
             raise LabError(f"model.backbone_lr_scale={backbone_lr_scale} needs a pretrained backbone (model=timm, "
                            f"model=resnet); {type(net).__name__} has none: leave it at 1.")

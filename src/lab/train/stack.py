@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.func import functional_call, vmap
 
-from lab.train.module import Classifier, Diverged, call_factory
+from lab.config_schema import call_factory
+from lab.train.module import Classifier, Diverged
 
 # Settings that change no tensor's shape nor the number of steps: members may differ in these (and only these).
 VALUE_KEYS = ("seed", "model.net.dropout", "model.label_smoothing", "model.l1", "mlflow.run_name")

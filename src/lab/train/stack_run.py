@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from mlflow.entities import Metric
 from omegaconf import DictConfig
 
+from lab import config_schema
 from lab.train import job, memory, tracking
 from lab.train.stack import CannotStack, Stack, build_members, static_reason
 
@@ -85,7 +86,7 @@ def why_not(members: list[Member], datamodule=None) -> tuple[str | None, Any]:
     if reason:
         return reason, None
     for cfg in cfgs:
-        job.check_config(cfg)
+        config_schema.check_config(cfg)
     job.set_threads(cfgs[0])
     with memory.guard(cfgs[0]):
         if datamodule is None:
