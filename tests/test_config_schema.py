@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from lab import config_schema
 from lab.config import load
+from lab.data.folder import ImageFolder
 from lab.data.synthetic import Synthetic
 from lab.errors import LabError
 from lab.train.api import compose
@@ -26,6 +27,7 @@ def mlp_classifier(**kw) -> Classifier:
                       class_names=["a", "b", "c"], **kw)
 
 
+FOLDER = ["data=image_folder", "data.root=photos"]
 # key, a bad value, the constructor given it from Python, the groups whose configs hold the key
 SAME_SENTENCE = [
     ("data.batch_size", 0, lambda v: Synthetic(batch_size=v), ["data=synthetic"]),
@@ -33,6 +35,9 @@ SAME_SENTENCE = [
     ("data.channels", 2, lambda v: Synthetic(channels=v), ["data=synthetic"]),
     ("data.val_fraction", 1.0, lambda v: Synthetic(val_fraction=v), ["data=synthetic"]),
     ("data.test_fraction", 0, lambda v: Synthetic(test_fraction=v), ["data=digits"]),
+    ("data.resident_max_gb", -1, lambda v: Synthetic(resident_max_gb=v), ["data=synthetic"]),
+    ("data.cache_max_gb", 0, lambda v: ImageFolder(root="photos", cache_max_gb=v), FOLDER),
+    ("data.max_pixels", 0.5, lambda v: ImageFolder(root="photos", max_pixels=v), FOLDER),
     ("model.label_smoothing", 1.5, lambda v: mlp_classifier(label_smoothing=v), ["data=synthetic", "model=mlp"]),
     ("model.l1", -0.1, lambda v: mlp_classifier(l1=v), ["data=synthetic", "model=mlp"]),
     ("model.backbone_lr_scale", -1, lambda v: mlp_classifier(backbone_lr_scale=v), ["data=synthetic", "model=resnet"]),
@@ -61,13 +66,17 @@ def test_good_values_pass_every_door():
 
 def test_every_rule_names_a_key_of_the_shipped_configs():
     """A rule whose key no config has (an argument renamed) would check nothing: each one is found in the root
-    config with some model and optimizer."""
+    config with some data, model and optimizer."""
+    def options(group: str) -> list[str]:
+        return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
     absent = object()
     keys: set[str] = set()
-    for model in sorted(p.stem for p in (CONF / "model").glob("*.yaml")):
-        for optimizer in sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml")):
-            cfg = load(["data=digits", f"model={model}", f"optimizer={optimizer}"])
-            keys |= {k for k in config_schema.RULES if OmegaConf.select(cfg, k, default=absent) is not absent}
+    choices = [[f"data={d}"] for d in options("data")]
+    choices += [["data=digits", f"model={m}", f"optimizer={o}"] for m in options("model") for o in options("optimizer")]
+    for overrides in choices:
+        cfg = load(overrides)
+        keys |= {k for k in config_schema.RULES if OmegaConf.select(cfg, k, default=absent) is not absent}
     assert set(config_schema.RULES) - keys == set()
 
 

@@ -63,6 +63,11 @@ RULES: dict[str, Rule] = {
     "data.channels": Rule(lambda v: v is None or (whole(v) and v in (1, 3)), "1 (grayscale), 3 (RGB) or null (as stored)"),
     "data.val_fraction": Rule(fraction, "a number strictly between 0 and 1, e.g. 0.15"),
     "data.test_fraction": Rule(fraction, "a number strictly between 0 and 1, e.g. 0.15"),
+    "data.resident_max_gb": Rule(lambda v: v is None or (number(v) and v > 0),
+                                 "a positive number of GB, or null to measure the device's free memory"),
+    # ImageFolder's (and ImageCsv's) own
+    "data.cache_max_gb": Rule(lambda v: v is None or (number(v) and v > 0), "a positive number of GB, or null for no cap"),
+    "data.max_pixels": Rule(lambda v: whole(v) and v >= 1, "a whole number of pixels >= 1 per image, e.g. 64000000"),
     # model: Classifier's arguments, its optimizer's and its net's
     "model.label_smoothing": Rule(share, "a number in [0, 1), e.g. 0.1 (the share of each target spread over the classes)"),
     "model.l1": Rule(at_least(0), "a number >= 0 (the L1 penalty's weight; 0: none)"),

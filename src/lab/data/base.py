@@ -153,14 +153,14 @@ class TensorDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         check_arguments("data", batch_size=batch_size, image_size=image_size, channels=channels,
-                        val_fraction=val_fraction, test_fraction=test_fraction)
+                        val_fraction=val_fraction, test_fraction=test_fraction, resident_max_gb=resident_max_gb)
         self.batch_size, self.image_size, self.channels = batch_size, image_size, channels
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.normalize = normalize
         self.augment = Augment(**(augment or {}))
         self.expected_classes = num_classes
         self.placement_mode = placing.check_mode(placement)
-        self.resident_max_gb = placing.check_budget(resident_max_gb)
+        self.resident_max_gb = None if resident_max_gb is None else float(resident_max_gb)
         self.splits: dict[str, Split] = {}
         self.class_names: list[str] = []
         self.placement: placing.Decision | None = None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from lab.config_schema import check_arguments
 from lab.data import cache, decode, scan
 from lab.data.base import Images, Loaded, TensorDataModule
 from lab.errors import LabError
@@ -38,11 +39,7 @@ class ImageFolder(TensorDataModule):
         if root is None:
             raise LabError("data.root is not set: point it at a folder with one sub-folder per class, "
                            "e.g. data.root=data/flower_photos.")
-        if cache_max_gb is not None and not float(cache_max_gb) > 0:
-            raise LabError(f"data.cache_max_gb={cache_max_gb} is not valid: a positive number of GB, or null for "
-                           "no cap.")
-        if int(max_pixels) < 1:
-            raise LabError(f"data.max_pixels={max_pixels} is not valid: a positive number of pixels per image.")
+        check_arguments("data", cache_max_gb=cache_max_gb, max_pixels=max_pixels)
         self.root, self.strict = Path(root).expanduser(), strict
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.cache_max_gb = None if cache_max_gb is None else float(cache_max_gb)

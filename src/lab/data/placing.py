@@ -31,19 +31,6 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def check_budget(gb) -> float | None:
-    if gb is None:
-        return None
-    try:
-        value = float(gb)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not value > 0:
-        raise LabError(f"data.resident_max_gb={gb!r} is not valid: give a positive number of GB, or null to measure "
-                       "the device's free memory.")
-    return value
-
-
 def host_available_bytes() -> int:
     """MemAvailable from /proc/meminfo (free plus reclaimable page cache), else free physical pages."""
     try:
