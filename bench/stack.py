@@ -1,6 +1,10 @@
 """Stacked training (issue 24): ratios in one run, same machine, one torch thread per process.
 
-   LAB_TORCH_THREADS=1 .venv/bin/python bench/stack.py [--append]   (about 3 minutes on 2 cores)
+   OMP_NUM_THREADS=1 LAB_TORCH_THREADS=1 .venv/bin/python bench/stack.py [--append] [--rows step,sweep,seeds,cnn]
+       [--repeat N]   (all rows once: about 5 minutes on 2 cores)
+
+--rows: which rows to run (default all); --repeat N: each row's two sides N times, back to back (a ratio's two
+sides under the same load), the row giving the range of its N ratios.
 
 Rows:
 - digits MLP 64-128-10, 8 members: lab's Stack step (vmap over 8) against a plain PyTorch loop training the 8
@@ -11,6 +15,7 @@ Rows:
 - Fashion-MNIST CNN (2x conv-BN-ReLU-pool, dense 128, batch 128), 8 members: Stack step against the plain loop,
   in process, 30 steps each; no target on a CPU (its convolutions are compute-bound here).
 """
+import argparse
 import json
 import os
 import platform
@@ -84,35 +89,62 @@ def in_process(overrides: list[str], k: int, steps: int) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
+def pairs(name: str) -> tuple[str, str, float]:
+    """(row, what was measured, ratio) of one run of the row's two sides, back to back."""
+    if name == "step":
+        plain, stacked = in_process(["data=digits", "model=mlp", "model.net.hidden=[128]"], 8, 20)
+        return ("digits MLP 64-128-10, 8 members, in process: Stack vs plain loop one after another",
+                f"{stacked:,.0f} vs {plain:,.0f} samples/s", stacked / plain)
+    if name == "cnn":
+        cnn = ["experiment=fashion_mnist_cnn", "model.net.dropout=0", "data.root=/usr/share/datasets/fashion-mnist",
+               "data.download=false"]
+        plain, stacked = in_process(cnn, 8, 30)
+        return ("Fashion-MNIST CNN (BN, batch 128), 8 members, in process: Stack vs plain loop (no target on CPU)",
+                f"{stacked:,.0f} vs {plain:,.0f} samples/s", stacked / plain)
+    if name == "sweep":
+        one = sweep_seconds({"n_trials": 16, "stack": 1, "params": LR})
+        eight = sweep_seconds({"n_trials": 16, "stack": 8, "params": LR})
+        return ("16-trial digits-MLP sweep (digits_mlp, 20 epochs, lr and dropout searched), 1 worker: stack: 8 vs "
+                "stack: 1", f"{16 * 3600 / eight:,.0f} vs {16 * 3600 / one:,.0f} trials/h ({eight:.1f} s vs {one:.1f} s)",
+                one / eight)
+    stacked = sweep_seconds({"n_trials": 1, "seeds": 5, "params": LR})
+    one_by_one = sweep_seconds({"n_trials": 1, "seeds": 5, "stack_seeds": False, "params": LR})
+    return "one seeds: 5 trial: stacked vs one seed after another", f"{stacked:.1f} s vs {one_by_one:.1f} s", \
+        one_by_one / stacked
+
+
+ROWS = ("step", "sweep", "seeds", "cnn")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    parser.add_argument("--repeat", type=int, default=1, help="each row's two sides this many times")
+    args = parser.parse_args()
+    names = args.rows.split(",")
+    if any(n not in ROWS for n in names) or args.repeat < 1:
+        sys.exit(f"--rows takes {', '.join(ROWS)}; --repeat a whole number >= 1")
     torch.set_num_threads(1)
     load = os.getloadavg()[0]
-    mlp_plain, mlp_stack = in_process(["data=digits", "model=mlp", "model.net.hidden=[128]"], 8, 20)
-    cnn = ["experiment=fashion_mnist_cnn", "model.net.dropout=0", "data.root=/usr/share/datasets/fashion-mnist",
-           "data.download=false"]
-    cnn_plain, cnn_stack = in_process(cnn, 8, 30)
-    one = sweep_seconds({"n_trials": 16, "stack": 1, "params": LR})
-    eight = sweep_seconds({"n_trials": 16, "stack": 8, "params": LR})
-    seeds_stack = sweep_seconds({"n_trials": 1, "seeds": 5, "params": LR})  # stacked first here: load drifts
-    seeds_seq = sweep_seconds({"n_trials": 1, "seeds": 5, "stack_seeds": False, "params": LR})
-    rows = [
-        ("digits MLP 64-128-10, 8 members, in process: Stack vs plain loop one after another",
-         f"{mlp_stack:,.0f} vs {mlp_plain:,.0f} samples/s", mlp_stack / mlp_plain),
-        ("16-trial digits-MLP sweep (digits_mlp, 20 epochs, lr and dropout searched), 1 worker: stack: 8 vs stack: 1",
-         f"{16 * 3600 / eight:,.0f} vs {16 * 3600 / one:,.0f} trials/h ({eight:.1f} s vs {one:.1f} s)", one / eight),
-        ("one seeds: 5 trial: stacked vs one seed after another",
-         f"{seeds_stack:.1f} s vs {seeds_seq:.1f} s", seeds_seq / seeds_stack),
-        ("Fashion-MNIST CNN (BN, batch 128), 8 members, in process: Stack vs plain loop (no target on CPU)",
-         f"{cnn_stack:,.0f} vs {cnn_plain:,.0f} samples/s", cnn_stack / cnn_plain),
-    ]
+    rows = []
+    for name in names:
+        runs = [pairs(name) for _ in range(args.repeat)]
+        ratios = [r for _, _, r in runs]
+        ratio = f"{ratios[0]:.2f}x" if len(runs) == 1 else f"{min(ratios):.2f}-{max(ratios):.2f}x"
+        rows.append((runs[0][0], "; ".join(what for _, what, _ in runs), ratio))
+    after = os.getloadavg()[0]
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     lines = [f"## Stacked training (issue 24), {date.today()}, {platform.machine()} {os.cpu_count()} CPU cores, "
-             f"torch {torch.__version__}, 1 thread, load average {load:.1f} before",
-             "", "`LAB_TORCH_THREADS=1 .venv/bin/python bench/stack.py --append`", "",
+             f"torch {torch.__version__}, 1 thread, load average {load:.1f} before, {after:.1f} after",
+             "", f"`OMP_NUM_THREADS=1 LAB_TORCH_THREADS=1 .venv/bin/python bench/stack.py --rows {args.rows} "
+             f"--repeat {args.repeat}` at {commit or 'an unknown commit'}", "",
              "| row | measured | ratio |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {what} | {ratio:.2f}x |" for name, what, ratio in rows]
+    lines += [f"| {name} | {what} | {ratio} |" for name, what, ratio in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    if "--append" in sys.argv:
+    if args.append:
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
             f.write("\n" + text)
 

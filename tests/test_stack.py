@@ -1,4 +1,6 @@
 """Stacked training (lab/train/stack.py, stack_run.py): a member of a stack trains exactly as it would alone."""
+from pathlib import Path
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -48,6 +50,10 @@ def test_a_member_of_a_stack_trains_as_it_would_alone(base, tmp_path, mlflow_uri
             assert got[key] == pytest.approx(want[key], abs=1e-4), (i, key)
         for key in ("test/acc", "test/loss", "test/f1_macro"):
             assert m.outcome[key] == pytest.approx(alone[key], abs=1e-4), (i, key)
+            # Logged as the alone run logs them: the same value at the same step (the epochs trained).
+            (got_test,), (want_test,) = client.get_metric_history(m.run_id, key), client.get_metric_history(
+                run.info.run_id, key)
+            assert (got_test.step, got_test.value) == (want_test.step, pytest.approx(want_test.value, abs=1e-4)), key
         tags = client.get_run(m.run_id).data.tags
         assert tags["lab.best_epoch"] == run.data.tags["lab.best_epoch"]
         assert client.get_run(m.run_id).info.status == "FINISHED"
@@ -63,6 +69,28 @@ def test_a_stacked_checkpoint_loads_as_one_models(tmp_path, mlflow_uri):
     module, _ = rebuild.rebuild(client, ms[1].run_id, mlflow_uri)
     weights = torch.load(client.get_run(ms[1].run_id).data.tags["checkpoint"], weights_only=True)["state_dict"]
     assert set(weights) == set(module.state_dict())
+
+
+def test_a_member_records_what_a_run_alone_records(tmp_path, mlflow_uri):
+    """Tested in one vectorised pass, each member's run still has a lone run's artifacts, metrics and tags."""
+    base = ["data=digits", "model=mlp", "model.net.hidden=[16]", "trainer.max_epochs=2", "threads=1",
+            "trainer.enable_progress_bar=false", "mlflow.log_model=false"]
+    ms = members(base, [["seed=0"], ["seed=1"]], tmp_path, "r")
+    assert stack_run.run(ms) is None
+    job.run(load([*base, "seed=1"]), tmp_path / "alone", run_name="alone")
+    client = MlflowClient(mlflow_uri)
+    alone = client.search_runs([client.get_experiment_by_name("lab").experiment_id], "attributes.run_name = 'alone'")[0]
+
+    def record(run_id):
+        run = client.get_run(run_id)
+        return ({a.path for a in client.list_artifacts(run_id)}, set(run.data.metrics),
+                {k for k in run.data.tags if k.startswith("lab.") and k != "lab.stacked"} | {"checkpoint"} & set(run.data.tags))
+
+    assert record(ms[1].run_id) == record(alone.info.run_id)
+    artifacts = record(ms[1].run_id)[0]
+    assert {"confusion_matrix.png", "misclassified.png", "per_class.json"} <= artifacts
+    png = Path(client.download_artifacts(ms[1].run_id, "confusion_matrix.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_pruned_member_leaves_and_the_others_go_on(tmp_path, mlflow_uri):

@@ -1,5 +1,6 @@
-"""Every figure lab draws: matplotlib Figures, never pyplot's global state, and no backend switch (a
-Figure renders to PNG with the Agg canvas whatever the display)."""
+"""Every figure lab draws with matplotlib: Figures, never pyplot's global state, and no backend switch (a
+Figure renders to PNG with the Agg canvas whatever the display). A run's own two pictures, its confusion
+matrix and misclassified grid, are Pillow images (train/confusion.py, misclassified.py): every run draws them."""
 import io
 import json
 import warnings

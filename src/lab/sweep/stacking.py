@@ -54,7 +54,8 @@ def seeds_together(trial: optuna.Trial, cfg, tags: dict[str, str], run_id: str, 
     for m in members:
         m.on_end = ended(m)
     liveness.training(True)
-    stack_run.run(members, callbacks, pulse=liveness.progressed, what=f"seeds of trial {trial.number}")
+    stack_run.run(members, callbacks, pulse=liveness.progressed, what=f"seeds of trial {trial.number}",
+                  tested=lambda: liveness.training(False))
     if failures:
         raise failures[0]
 
@@ -200,7 +201,8 @@ def run_stack(sweep, study: optuna.Study, trials: list[optuna.Trial], parent: st
             members = [member(sweep, t, parent, ended) for t in trials]
             liveness.training(True)
             line = stack_run.run(members, (objective.Progress(),), pulse=liveness.progressed,
-                                 what=f"trials ({', '.join(str(t.number) for t in trials)})")
+                                 what=f"trials ({', '.join(str(t.number) for t in trials)})",
+                                 tested=lambda: liveness.training(False))
             if line:
                 REFUSED[json.dumps(structural(sweep, trials[0].params), sort_keys=True, default=str)] = line
     except Interrupted as stop:

@@ -5,13 +5,12 @@ run() is what `lab train` and every sweep trial execute, so a trial replays as a
 import logging
 import math
 import re
-import time
+import typing
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from mlflow.entities import Metric
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
@@ -91,56 +90,76 @@ def best_epoch(path: str | None) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def after_test(cfg: DictConfig, client, run_id: str, uri: str, trainer: pl.Trainer, datamodule, model,
-               step: int, costs: dict[str, float] | None = None) -> dict[str, float]:
-    """What a run records once its tested weights are in the model: misclassified test images, cost metrics
-    (returned), the MLflow model. costs: measured already on a net of the same structure (a stack's members
-    share one measurement: flops, latency and throughput depend on the shapes, not the weights)."""
-    test = datamodule.splits["test"]
-    misclassified.log(client, run_id, model.test_samples, test, datamodule.class_names, test.paths,
-                      int(cfg.mlflow.get("misclassified_per_class", 8)))
+def costs_of(cfg: DictConfig, datamodule, model, device: torch.device, bf16: bool,
+             costs: dict[str, float] | None = None) -> dict[str, float]:
+    """The net's cost metrics (flops, latency, throughput) measured where it trained (device, bf16), or costs
+    when given: measured already on a net of the same structure (a stack's members share one measurement:
+    they depend on the shapes, not the weights). {} when measure.enabled is false."""
     spec = cfg.get("measure") or {}
     if costs is None and spec.get("enabled", True):
-        device = trainer.strategy.root_device  # the trial's device, where Lightning's teardown took it from
         model.net.to(device)
         try:
             costs = measure.cost(model.net, tuple(datamodule.shape), int(spec.get("batch_size") or datamodule.batch_size),
-                                 float(spec.get("budget_s", 0.3)), bf16="bf16" in str(trainer.precision))
+                                 float(spec.get("budget_s", 0.3)), bf16=bf16)
         finally:
             model.net.to("cpu")
-    costs = costs or {}
-    if costs:
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in costs.items() if k != "model/params"],
-                         synchronous=True)
-    if cfg.mlflow.get("log_model", True):
-        try:
-            exported.log(run_id, model, datamodule, uri, step=step)
-        except Exception as err:  # noqa: BLE001 - a net MLflow cannot pickle must not fail a trained, tested run
-            log.warning("the model of run %s was not logged: %s", run_id, err)
-            client.set_tag(run_id, "lab.model_error", f"{type(err).__name__}: {err}"[:5000])
-    return costs
+    return {k: v for k, v in (costs or {}).items() if k != "model/params"}
 
 
 def test_and_record(cfg: DictConfig, client, run_id: str, uri: str, trainer: pl.Trainer, datamodule, model,
                     best: str | None, weights: str, epoch: int, require: str | None, trained: dict[str, float],
                     costs: dict[str, float] | None = None) -> dict[str, float]:
-    """Test the weights `best` (None: the model's own) and record what a run records after training; returns
-    the test, per-class and cost metrics. trained: the last epoch's metrics, which `require` may name. Shared by
-    run() and the stacked runs (stack_run.py), whose members are tested as one-model runs."""
+    """Test the weights `best` (None: the model's own) by Lightning and record what a run records after
+    training (record()); returns the test, per-class and cost metrics. trained: the last epoch's metrics, which
+    `require` may name."""
     client.set_tag(run_id, "lab.tested", weights)
     test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
-    results = {k: float(v) for k, v in test.items()}
-    tracking.log_test_report(client, run_id, model.test_report, step=epoch)
-    if best:
-        client.set_tag(run_id, "checkpoint", best)
-    results.update({f"test/f1/{k}": v["f1"] for k, v in model.test_report["classes"].items()})
-    best_at = best_epoch(best)
+    tested = Tested({k: float(v) for k, v in test.items()}, best, epoch, trainer.strategy.root_device,
+                    "bf16" in str(trainer.precision))
+    return record(cfg, client, run_id, uri, datamodule, model, tested, require, trained, costs)
+
+
+class Tested(typing.NamedTuple):
+    """A finished test of a model: its test/* scalars, the checkpoint tested (None: the model's own weights),
+    the step its report is logged at (epochs trained), the device and precision it ran on."""
+    scalars: dict[str, float]
+    best: str | None
+    epoch: int
+    device: torch.device
+    bf16: bool
+
+
+def record(cfg: DictConfig, client, run_id: str, uri: str, datamodule, model, tested: Tested, require: str | None,
+           trained: dict[str, float], costs: dict[str, float] | None = None, log_scalars: bool = False,
+           tags: dict[str, str] | None = None) -> dict[str, float]:
+    """What a run records once its model was tested (model.test_report and test_samples filled): the test
+    report with the per-class, cost (costs_of) and tags in one MLflow batch, misclassified test images, the
+    MLflow model; returns the test, per-class and cost metrics. log_scalars: the test/* scalars in that batch too
+    (a test Lightning ran logged them itself). Shared by run() and the stacked runs (stack_run.py), whose members
+    are tested by one vectorised pass."""
+    results = dict(tested.scalars)
+    tags = dict(tags or {})
+    if tested.best:
+        tags["checkpoint"] = tested.best
+    best_at = best_epoch(tested.best)
     if best_at is not None:
-        client.set_tag(run_id, "lab.best_epoch", str(best_at))  # what `lab train`'s summary prints
-        client.set_tag(run_id, "lab.monitor", str(cfg.monitor.metric))
+        tags["lab.best_epoch"] = str(best_at)  # what `lab train`'s summary prints
+        tags["lab.monitor"] = str(cfg.monitor.metric)
+    measured = costs_of(cfg, datamodule, model, tested.device, tested.bf16, costs)
+    tracking.log_test_report(client, run_id, model.test_report, step=tested.epoch,
+                             metrics={**(results if log_scalars else {}), **measured}, tags=tags)
+    results.update({f"test/f1/{k}": v["f1"] for k, v in model.test_report["classes"].items()})
     results["model/params"] = float(sum(p.numel() for p in model.net.parameters()))
-    results.update(after_test(cfg, client, run_id, uri, trainer, datamodule, model, epoch, costs))
+    results.update(measured)
+    test = datamodule.splits["test"]
+    misclassified.log(client, run_id, model.test_samples, test, datamodule.class_names, test.paths,
+                      int(cfg.mlflow.get("misclassified_per_class", 8)))
+    if cfg.mlflow.get("log_model", True):
+        try:
+            exported.log(run_id, model, datamodule, uri, step=tested.epoch)
+        except Exception as err:  # noqa: BLE001 - a net MLflow cannot pickle must not fail a trained, tested run
+            log.warning("the model of run %s was not logged: %s", run_id, err)
+            client.set_tag(run_id, "lab.model_error", f"{type(err).__name__}: {err}"[:5000])
     every = {**trained, **results}
     if require is not None and require not in every:
         raise LabError(f"metric {require!r} was not logged; logged: {sorted(every)}")

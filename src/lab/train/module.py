@@ -171,7 +171,11 @@ class Classifier(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         x, y = batch
-        outputs = self(x)
+        self.test_outputs(self(x), y)
+
+    def test_outputs(self, outputs, y):
+        """A test batch's net outputs (B, outputs) against its labels (B,) into the test metrics (a stack's
+        members are tested by one vectorised forward and hand each member its own outputs here)."""
         losses = self._loss(outputs, y, reduction="none")  # (batch,)
         self.test_loss.update(losses)
         self.test_metrics.update(self.class_logits(outputs), y)
@@ -180,16 +184,21 @@ class Classifier(pl.LightningModule):
         self._test_parts.append(torch.stack([losses.float(), y.float(), predicted.float(), probability], 1))
 
     def on_test_epoch_end(self):
+        self.log_dict(self.test_results())
+
+    def test_results(self) -> dict[str, float]:
+        """test/<scalar> and test/loss over the batches given to test_outputs; fills test_report and
+        test_samples, and starts the next test."""
         values, self.test_report = metrics.report(self.test_metrics.compute(), self.class_names)
         scalars = {f"test/{k}": v for k, v in values.items()}
-        scalars["test/loss"] = self.test_loss.compute()
-        self.log_dict(scalars)
+        scalars["test/loss"] = float(self.test_loss.compute())
         parts = torch.cat(self._test_parts).cpu() if self._test_parts else torch.zeros(0, 4)
         self._test_parts = []
         self.test_samples = {"loss": parts[:, 0], "true": parts[:, 1].long(), "predicted": parts[:, 2].long(),
                              "probability": parts[:, 3]}
         self.test_loss.reset()
         self.test_metrics.reset()
+        return scalars
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

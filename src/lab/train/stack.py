@@ -207,6 +207,7 @@ class Stack:
         self.clip = float(clip) if clip else None
         precision = str(cfgs[0].trainer.get("precision"))
         bf16 = device.type == "cuda" and ("bf16" in precision or (precision == "auto" and torch.cuda.is_bf16_supported()))
+        self.bf16 = bf16
         self.autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if bf16 else nullcontext
 
         def one(params, buffers, x):
@@ -328,6 +329,29 @@ class Stack:
             m.val_metrics.reset()
         return metrics
 
+    @torch.no_grad()
+    def test(self, members: list[int], pulse=lambda: None) -> dict[int, dict[str, float]]:
+        """{member: test/* scalars} of the members' weights as their nets hold them now (each loaded its best
+        checkpoint), by one vmap forward per test batch for all of them; each member's outputs go to its own
+        Classifier.test_outputs, so its metrics, test_report and test_samples are those a Lightning test of it
+        alone computes."""
+        self.template.eval()
+        params = self.stacked(members)
+        # The nets' own buffers (the tested epoch's running statistics), not the stack's (the last epoch's).
+        own = [list(self.models[i].net.buffers()) for i in members]
+        buffers = {n: torch.stack([b[j] for b in own]) for j, n in enumerate(self.buffer_names)}
+        rows = torch.tensor(members, device=self.device)
+        buffers.update({n: b.index_select(0, rows) for n, b in self.buffers.items() if n not in buffers})
+        for model in (self.models[i] for i in members):
+            model.on_test_epoch_start()
+        for x, y in self.split_batches("test"):
+            with self.autocast():
+                out = self._eval_forward(params, buffers, x)  # (members, B, outputs)
+            for k, i in enumerate(members):
+                self.models[i].test_outputs(out[k], y)
+            pulse()
+        return {i: self.models[i].test_results() for i in members}
+
     # -- batches ---------------------------------------------------------------------------------------
     def epoch_batches(self, limit: int | None = None):
         """(x (A, B, C, H, W) float, y (A, B)) per step: each active member's rows in its own shuffled order,
@@ -359,7 +383,11 @@ class Stack:
         return store
 
     def val_batches(self):
-        split = self.datamodule.splits["val"]
+        return self.split_batches("val")
+
+    def split_batches(self, name: str):
+        """(x (B, ...) prepared, y (B,)) over the split in its order, as its (unshuffled) Lightning loader gives them."""
+        split = self.datamodule.splits[name]
         bs = self.datamodule.batch_size
         for start in range(0, len(split), bs):
             x = split.rows(slice(start, start + bs)).to(self.device, non_blocking=True)

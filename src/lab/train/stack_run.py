@@ -51,6 +51,7 @@ class Member:
     wait: int = 0  # epochs without improvement (early stopping)
     epochs: int = 0  # epochs trained (Lightning's current_epoch after fit: the step of its test report)
     pending: list = field(default_factory=list)  # MLflow's RunOperations of its epoch metrics, waited for at its end
+    unwritten: list = field(default_factory=list)  # its Metrics not yet handed to MLflow (written every WRITE_EVERY_S)
 
 
 class EpochHook(pl.Callback):
@@ -113,9 +114,10 @@ def device_of(cfg: DictConfig) -> torch.device:
 
 
 def run(members: list[Member], callbacks: tuple = (), pulse: Callable[[], None] | None = None,
-        what: str = "members") -> str | None:
+        what: str = "members", tested: Callable[[], None] | None = None) -> str | None:
     """Train the members, together when they can; returns None, or the line saying why they trained alone.
-    callbacks: Lightning callbacks for the runs trained alone and for testing; pulse(): after every batch."""
+    callbacks: Lightning callbacks for the runs trained alone; pulse(): after every batch; tested(): once a
+    stack's test pass is done (from there on it records, and gets through no more batches)."""
     if len(members) == 1:
         alone(members, callbacks)
         return None
@@ -127,15 +129,17 @@ def run(members: list[Member], callbacks: tuple = (), pulse: Callable[[], None] 
         return line
     stack, datamodule = built
     log.info("%d %s train as one stack (vmap over %s)", len(members), what, type(stack.template).__name__)
-    train(stack, datamodule, members, callbacks, pulse or (lambda: None))
+    train(stack, datamodule, members, pulse or (lambda: None), tested or (lambda: None))
     return None
 
 
 def open_run(m: Member, datamodule, model, uri: str) -> None:
+    placed = datamodule.placement
+    placement = {"lab.data_placement": placed.name, "lab.data_placement_reason": placed.why} if placed else {}
     m.open_cm = tracking.run(uri, m.cfg.mlflow.experiment, m.run_name, m.parent_run_id,
-                         {"seed": str(m.cfg.seed), "data": datamodule.name, "model": type(model.net).__name__,
-                          "lab.stacked": "true", **m.tags},
-                         name_prefix=job.run_name_prefix(m.cfg, datamodule, model))
+                             {"seed": str(m.cfg.seed), "data": datamodule.name, "model": type(model.net).__name__,
+                              "lab.stacked": "true", **placement, **m.tags},
+                             name_prefix=job.run_name_prefix(m.cfg, datamodule, model))
     m.client, m.run_id = m.open_cm.__enter__()
     if m.on_run is not None:
         m.on_run(m.client, m.run_id)
@@ -143,13 +147,27 @@ def open_run(m: Member, datamodule, model, uri: str) -> None:
     root = getattr(datamodule, "root", None)
     tracking.log_dataset(m.client, m.run_id, datamodule, job.data_name(datamodule),
                          str(Path(root).resolve()) if root is not None and Path(root).exists() else None)
-    placed = datamodule.placement
-    if placed is not None:
-        m.client.set_tag(m.run_id, "lab.data_placement", placed.name)
-        m.client.set_tag(m.run_id, "lab.data_placement_reason", placed.why)
     n_params = float(sum(p.numel() for p in model.net.parameters()))
-    m.client.log_batch(m.run_id, metrics=[Metric("model/params", n_params, int(time.time() * 1000), 0)],
-                       synchronous=True)
+    m.unwritten.append(Metric("model/params", n_params, int(time.time() * 1000), 0))  # with its first epoch's
+
+
+# A member's epoch metrics go to MLflow every WRITE_EVERY_S of training (and when it ends), one log_batch per
+# member: one store commit per member per epoch (25-70 ms each on SQLite under this 2-core machine's load, 160
+# for a stack of 8 digits MLPs over 20 epochs) cost more than their 400 stacked steps. A stack that trains for
+# minutes still shows its curves as it goes. The periodic writes go through MLflow's async queue (not waited
+# for on the training thread); the last one is synchronous, so that a stack shorter than WRITE_EVERY_S never
+# starts the queue's threads (ending each run shuts them down again: ~0.1 s a run).
+WRITE_EVERY_S = 10.0
+
+
+def write(members: list[Member], synchronous: bool = False) -> None:
+    """Each member's unwritten metrics handed to MLflow, one batch per run."""
+    for m in members:
+        if m.unwritten and m.client is not None:
+            op = m.client.log_batch(m.run_id, metrics=m.unwritten, synchronous=synchronous)
+            if not synchronous:
+                m.pending.append(op)
+            m.unwritten = []
 
 
 def flush(m: Member) -> None:
@@ -157,6 +175,7 @@ def flush(m: Member) -> None:
     pending, m.pending = m.pending, []
     for op in pending:
         op.wait()
+    write([m], synchronous=True)
 
 
 def close_run(m: Member, err: BaseException | None) -> None:
@@ -208,10 +227,7 @@ def save_best(m: Member, model, epoch: int, step: int) -> str:
 def epoch_end(stack: Stack, m: Member, i: int, epoch: int, step: int, metrics: dict[str, float]) -> bool:
     """Log member i's epoch, keep its best checkpoint, ask its hook; False when it leaves the stack here."""
     now = int(time.time() * 1000)
-    # Not waited for here: 8 members' synchronous writes cost 8 SQLite commits per epoch (~25-70 ms each on this
-    # 2-core machine) on the training thread; MLflow's async queue writes them while the stack trains on.
-    m.pending.append(m.client.log_batch(m.run_id, metrics=[Metric(k, v, now, epoch) for k, v in metrics.items()],
-                                        synchronous=False))
+    m.unwritten += [Metric(k, v, now, epoch) for k, v in metrics.items()]  # written by write(), WRITE_EVERY_S
     m.trained, m.epochs = dict(metrics), epoch + 1
     stack.check_finite(i, metrics, epoch)
     monitor = m.cfg.monitor.metric
@@ -227,7 +243,8 @@ def epoch_end(stack: Stack, m: Member, i: int, epoch: int, step: int, metrics: d
     return not (patience and m.wait >= int(patience))
 
 
-def train(stack: Stack, datamodule, members: list[Member], callbacks: tuple, pulse: Callable[[], None]) -> None:
+def train(stack: Stack, datamodule, members: list[Member], pulse: Callable[[], None],
+          tested: Callable[[], None]) -> None:
     cfg = members[0].cfg
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     datamodule.decide_placement(stack.device)
@@ -238,6 +255,7 @@ def train(stack: Stack, datamodule, members: list[Member], callbacks: tuple, pul
             open_.append(m)
         steps = stack.steps_per_epoch()
         epochs = int(cfg.trainer.max_epochs)
+        written = time.monotonic()
         for epoch in range(epochs):
             if not stack.active:
                 break
@@ -260,13 +278,20 @@ def train(stack: Stack, datamodule, members: list[Member], callbacks: tuple, pul
                     continue
                 if not goes_on:
                     stack.leave(i)  # stopped early: tested below, as the others
+            if time.monotonic() - written >= WRITE_EVERY_S:
+                write(members)
+                written = time.monotonic()
             if stack.scheduler is not None:
                 stack.scheduler.step()
         stack.sync()
+        outcomes = test(stack, members, pulse)
+        tested()
         shared: dict[str, float] | None = None  # one cost measurement for the stack: same shapes, same costs
         for i, m in enumerate(members):
             if m.open_cm is not None:
-                outcome = test_member(stack, datamodule, m, i, callbacks, uri, shared)
+                outcome = outcomes[i]
+                if not isinstance(outcome, BaseException):
+                    outcome = record(stack, datamodule, m, i, uri, outcome, shared)
                 if isinstance(outcome, dict) and shared is None and m.cfg.get("measure", {}).get("enabled", True):
                     shared = {k: v for k, v in outcome.items() if k.startswith("model/")}
                 end(m, outcome)
@@ -278,24 +303,51 @@ def train(stack: Stack, datamodule, members: list[Member], callbacks: tuple, pul
         raise
 
 
-def test_member(stack: Stack, datamodule, m: Member, i: int, callbacks: tuple, uri: str,
-                costs: dict[str, float] | None = None):
-    """The member's best epoch tested by Lightning as a one-model run, and recorded as job.run records it;
-    returns its metrics (last epoch's train/val, test, costs) or the exception it failed with."""
-    model = stack.models[i]
+def test(stack: Stack, members: list[Member], pulse: Callable[[], None]) -> dict[int, Any]:
+    """{member: its test/* scalars, or the exception its test failed with} for every member whose run is still
+    open: each one's best epoch (its checkpoint, loaded as Lightning's trainer.test loads one; none: its final
+    weights), all of them tested by one vectorised pass over the test split (Stack.test)."""
+    open_ = [i for i, m in enumerate(members) if m.open_cm is not None]
+    outcomes: dict[int, Any] = {}
+    for i in open_:
+        m = members[i]
+        try:
+            flush(m)
+            if m.best:
+                state = torch.load(m.best[1], map_location=stack.device, weights_only=True)["state_dict"]
+                stack.models[i].load_state_dict(state)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:  # noqa: BLE001 - this member failed; the others are tested
+            outcomes[i] = err
+    tested = [i for i in open_ if i not in outcomes]
+    if not tested:
+        return outcomes
     try:
-        flush(m)
+        with memory.guard(members[tested[0]].cfg):
+            outcomes.update(stack.test(tested, pulse))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # noqa: BLE001 - the shared pass failed: every member it tested fails with it
+        outcomes.update({i: err for i in tested})
+    for i in tested:
+        stack.models[i].to("cpu")  # where Lightning's test leaves a model: what is logged is read from there
+    return outcomes
+
+
+def record(stack: Stack, datamodule, m: Member, i: int, uri: str, scalars: dict[str, float],
+           costs: dict[str, float] | None = None):
+    """The member's test recorded as job.run records a run's (job.record: report, tags, misclassified images,
+    costs, the model); returns its metrics (last epoch's train/val, test, costs) or the exception it failed with."""
+    try:
         with memory.guard(m.cfg):
-            logger = job.EpochMLFlowLogger(experiment_name=m.cfg.mlflow.experiment, tracking_uri=uri, run_id=m.run_id)
-            kwargs = job.trainer_kwargs(m.cfg)
-            kwargs["enable_checkpointing"] = False
-            trainer = pl.Trainer(**kwargs, logger=logger, callbacks=list(callbacks), default_root_dir=str(m.out_dir))
             best = m.best[1] if m.best else None
-            weights = f"best epoch: {best}" if best else "final weights"
-            results = job.test_and_record(m.cfg, m.client, m.run_id, uri, trainer, datamodule, model, best,
-                                          weights, m.epochs, m.require, m.trained, costs)
+            tested = job.Tested(scalars, best, m.epochs, stack.device, stack.bf16)
+            results = job.record(m.cfg, m.client, m.run_id, uri, datamodule, stack.models[i], tested, m.require,
+                                 m.trained, costs, log_scalars=True,
+                                 tags={"lab.tested": f"best epoch: {best}" if best else "final weights"})
         return {**m.trained, **results}
     except (KeyboardInterrupt, SystemExit):
         raise
-    except Exception as err:  # noqa: BLE001 - this member failed; the others are tested
+    except Exception as err:  # noqa: BLE001 - this member failed; the others are recorded
         return err

@@ -12,18 +12,19 @@ import subprocess
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 
 import mlflow
-import numpy as np
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from lab import figures, uris
+from lab import uris
 from lab.errors import Interrupted, StopRun
 from lab.locks import file_lock
+from lab.train import confusion
 from lab.uris import absolute_uri, mask_password  # tracking.mask_password is used by callers
 
 PACKAGES = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "hydra-core", "mlflow", "optuna")
@@ -112,6 +113,7 @@ def metric_name(name: str) -> str:
     return re.sub(r"[^\w\-. /]", "_", name)
 
 
+@cache  # once per process: the code it runs is what it imported at start (a worker's 8 runs paid 2 git calls each)
 def git_state() -> dict[str, str]:
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(SRC_DIR), *args], capture_output=True, text=True, timeout=10).stdout
@@ -127,6 +129,7 @@ def git_state() -> dict[str, str]:
     return {"git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(dirty).lower()}
 
 
+@cache
 def environment_tags() -> dict[str, str]:
     tags = {"python": platform.python_version(), "host": platform.node()}
     for pkg in PACKAGES:
@@ -144,7 +147,7 @@ def run(uri: str, experiment: str, run_name: str | None = None, parent_run_id: s
     No run_name: name_prefix-N, numbered within the experiment (else MLflow's generated name)."""
     exp_id = experiment_id(uri, experiment)  # first: it creates a fresh store under the creation lock
     client = MlflowClient(uri)
-    all_tags = {**environment_tags(), **git_state(), **(tags or {})}
+    all_tags = {**environment_tags(), **git_state(), **(tags or {})}  # a copy: the cached dicts stay as they are
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     with creation_lock(uri) if run_name is None and name_prefix else nullcontext():  # two `lab train`s: two numbers
@@ -178,15 +181,16 @@ def log_config(client: MlflowClient, run_id: str, cfg: DictConfig) -> None:
     client.log_text(run_id, mask_password(OmegaConf.to_yaml(resolved)), "config.yaml")
 
 
-def log_test_report(client: MlflowClient, run_id: str, report: dict, step: int) -> None:
-    """Per-class F1 metrics, classification_report.json, confusion_matrix.csv and .png."""
-    from sklearn.metrics import ConfusionMatrixDisplay  # ~1 s of imports: not for the sweep parent
-
+def log_test_report(client: MlflowClient, run_id: str, report: dict, step: int, metrics: dict[str, float] | None = None,
+                    tags: dict[str, str] | None = None) -> None:
+    """Per-class F1 metrics, classification_report.json, per_class.json, confusion_matrix.csv and .png. metrics,
+    tags: more of the run's, written in the same MLflow batch as the per-class F1 (one store commit for all)."""
     classes = list(report["classes"])
-    confusion = report["confusion"]
+    confusion_rows = report["confusion"]
     now = int(time.time() * 1000)  # Metric's timestamp is milliseconds since 1970; 0 would plot them in 1970
-    metrics = [Metric(metric_name(f"test/f1/{name}"), v["f1"], now, step) for name, v in report["classes"].items()]
-    client.log_batch(run_id, metrics=metrics, synchronous=True)
+    batch = [Metric(metric_name(f"test/f1/{name}"), v["f1"], now, step) for name, v in report["classes"].items()]
+    batch += [Metric(k, v, now, step) for k, v in (metrics or {}).items()]
+    client.log_batch(run_id, metrics=batch, tags=[RunTag(k, v) for k, v in (tags or {}).items()], synchronous=True)
     client.log_dict(run_id, report["classes"], "classification_report.json")
     # The same numbers as an MLflow table: the run's Artifacts tab renders it (and it is queryable).
     client.log_table(run_id, data={"class": classes, **{key: [report["classes"][c][key] for c in classes]
@@ -196,19 +200,10 @@ def log_test_report(client: MlflowClient, run_id: str, report: dict, step: int) 
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["true\\predicted", *classes])
-    for name, row in zip(classes, confusion):
+    for name, row in zip(classes, confusion_rows):
         writer.writerow([name, *row])
     client.log_text(run_id, buf.getvalue(), "confusion_matrix.csv")
-
-    side = max(4.0, 0.6 * len(classes) + 2)
-    fig, ax = figures.figure(side + 1, side)
-    ConfusionMatrixDisplay(np.array(confusion), display_labels=classes).plot(
-        ax=ax, cmap="Blues", xticks_rotation=45, colorbar=True, values_format="d"
-    )
-    ax.set_title("Test confusion matrix (rows: true class)")
-    fig.tight_layout()
-    client.log_figure(run_id, fig, "confusion_matrix.png")
-
+    client.log_image(run_id, confusion.image(confusion_rows, classes), artifact_file="confusion_matrix.png")
 
 
 def log_dataset(client: MlflowClient, run_id: str, datamodule, name: str, source: str | None) -> str:
