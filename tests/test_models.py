@@ -14,7 +14,8 @@ from lab.config import load
 from lab.errors import LabError
 from lab.train.job import build
 from lab.train.module import Classifier
-from lab.train.nets import MLP, ResNet
+from lab.train.nets import MLP
+from lab.train.resnet import ResNet
 from lab.train.timm_net import TimmNet, min_side
 
 # (architecture, image channels): a CNN, a MobileNet, an EfficientNet, a vision transformer; all small on a CPU.

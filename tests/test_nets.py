@@ -4,7 +4,8 @@ import torch
 import torchvision
 
 from lab.errors import LabError
-from lab.train.nets import CNN, MLP, Linear, ResNet
+from lab.train.nets import CNN, MLP, Linear
+from lab.train.resnet import ResNet
 
 
 @pytest.mark.parametrize("side", [7, 8, 28])
@@ -64,7 +65,26 @@ def test_resnet_loads_local_weights(resnet18_file):
     net = ResNet((3, 32, 32), 4, weights=str(path))
     for name in ("conv1.weight", "layer3.1.conv2.weight", "layer4.0.bn1.running_var"):
         assert torch.equal(net.model.state_dict()[name], state[name]), name
-    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    # timm's ResNet computes what torchvision's does from the same file: the features before the head agree
+    tv = torchvision.models.resnet18()
+    tv.load_state_dict(state)
+    tv.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # eval: a forward in train mode would move the batch norms' running statistics
+        assert torch.allclose(net.eval().model.forward_head(net.model.forward_features(x), pre_logits=True),
+                              tv.eval()(x), atol=1e-6)
+    assert net.train()(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_resnet_torchvision_weights_name_loads_from_the_hub_cache(resnet18_file, tmp_path, monkeypatch):
+    path, state = resnet18_file
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]  # where torch.hub keeps a download
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(path.read_bytes())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    net = ResNet((1, 32, 32), 3, weights="IMAGENET1K_V1")
+    assert torch.allclose(net.model.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
 
 
 def test_resnet_grayscale_input_sums_pretrained_filters(resnet18_file):
@@ -78,7 +98,7 @@ def test_resnet_freeze_backbone_trains_head_only(resnet18_file):
     path, _ = resnet18_file
     net = ResNet((3, 32, 32), 4, weights=str(path), freeze="backbone", dropout=0.2)
     trainable = {name for name, p in net.named_parameters() if p.requires_grad}
-    assert trainable == {"model.fc.1.weight", "model.fc.1.bias"}
+    assert trainable == {"model.fc.weight", "model.fc.bias"}
     everything = ResNet((3, 32, 32), 4, freeze="none")
     assert all(p.requires_grad for p in everything.parameters())
 
@@ -94,6 +114,13 @@ def test_resnet_weights_of_another_arch_raise(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, path)
     with pytest.raises(LabError, match="does not fit resnet18"):
         ResNet((3, 32, 32), 4, weights=str(path))
+
+
+def test_resnet_image_too_small_names_size_and_arch():
+    with pytest.raises(LabError, match=r"image size 16x16 is too small for resnet18: it needs at least 32x32\. "
+                                       r"Raise data.image_size or choose another model.net.arch"):
+        ResNet((3, 16, 16), 4)
+    assert ResNet.smallest_side({"arch": "resnet34"}) == ResNet.MIN_SIDE
 
 
 def test_resnet_bad_arch_and_freeze_raise():

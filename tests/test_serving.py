@@ -17,6 +17,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import torchvision
 from mlflow.tracking import MlflowClient
 
 from lab.analysis import models
@@ -24,7 +25,8 @@ from lab.config import load
 from lab.data.normalise import Normalise
 from lab.train import exported, job
 from lab.train.module import probabilities
-from lab.train.nets import CNN, MLP, ResNet
+from lab.train.nets import CNN, MLP
+from lab.train.resnet import ResNet
 
 QUICK = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "mlflow.misclassified_per_class=0",
          "measure.enabled=false"]
@@ -159,8 +161,10 @@ def test_a_logged_model_normalises_as_training_does_and_unpickles_without_lab(tm
 
 
 def test_requirements_name_torchvision_for_its_modules_and_ship_a_users_own_code(tmp_path, monkeypatch):
-    pins, code = exported.requirements(exported.portable(ResNet([1, 32, 32], 3)))
+    pins, code = exported.requirements(exported.portable(torchvision.models.resnet18(num_classes=3)))
     assert [p.split("==")[0] for p in pins] == ["torch", "cloudpickle", "torchvision"] and code == []
+    pins, code = exported.requirements(exported.portable(ResNet([1, 32, 32], 3)))  # lab's ResNet is timm's
+    assert [p.split("==")[0] for p in pins] == ["torch", "cloudpickle", "timm"] and code == []
     (tmp_path / "mynets_for_serving.py").write_text(
         "import torch\nclass Tiny(torch.nn.Module):\n    def forward(self, x):\n        return x.flatten(1)\n")
     monkeypatch.syspath_prepend(str(tmp_path))

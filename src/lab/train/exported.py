@@ -70,7 +70,7 @@ def plain_net(net: torch.nn.Module) -> torch.nn.Module:
         return torch.nn.Sequential(net.features, net.head)
     if isinstance(net, nets.LayerStack) and type(net).forward is nets.LayerStack.forward:
         return net.layers
-    if isinstance(net, nets.PretrainedNet) and type(net).__module__ in ("lab.train.nets", "lab.train.timm_net"):
+    if isinstance(net, nets.PretrainedNet) and type(net).__module__ in ("lab.train.nets", "lab.train.timm_net", "lab.train.resnet"):
         return net.model
     return net
 

@@ -1,10 +1,6 @@
 """Plain nn.Modules. Each takes in_shape=(C, H, W) and num_classes from the datamodule at build time;
 reset_classifier(n) gives one a new last layer of n outputs (model.loss=bce asks for 1).
-Any timm architecture: lab/train/timm_net.py."""
-from pathlib import Path
-
-import torch
-import torchvision
+Any timm architecture: lab/train/timm_net.py; ResNet (timm's) under torchvision's names: lab/train/resnet.py."""
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -171,52 +167,3 @@ class CNN(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
-
-
-class ResNet(PretrainedNet):
-    """torchvision ResNet with a new head. weights: null (random), a torchvision weights name such as
-    "IMAGENET1K_V1" (needs the hub cache or a network), or a path to a local state_dict file."""
-
-    ARCHS = ("resnet18", "resnet34", "resnet50")
-    MIN_SIDE = 32  # pixels: five stride-2 stages take 32 down to 1x1 before the pooling head
-
-    def __init__(self, in_shape, num_classes: int, arch: str = "resnet18", weights: str | None = None,
-                 freeze: str = "none", dropout: float = 0.0):
-        super().__init__()
-        if arch not in self.ARCHS:
-            raise LabError(f"model.net.arch={arch!r} is not known: choose one of {list(self.ARCHS)}.")
-        if freeze not in ("none", "backbone"):
-            raise LabError(f"model.net.freeze={freeze!r} is not valid: choose 'none' or 'backbone'.")
-        local = weights is not None and Path(str(weights)).expanduser().is_file()
-        try:
-            self.model = torchvision.models.get_model(arch, weights=None if local else weights)
-        except KeyError as err:  # torchvision's whole message for a wrong name or a missing file: KeyError('x')
-            names = [w.name for w in torchvision.models.get_model_weights(arch)]
-            raise LabError(f"model.net.weights={weights} is neither a file nor a weights name of {arch}: use a "
-                           f"path to a state_dict file, null, or one of {names}.") from err
-        if local:
-            state = torch.load(Path(str(weights)).expanduser(), map_location="cpu", weights_only=True)
-            try:
-                self.model.load_state_dict(state)
-            except RuntimeError as err:  # keys or shapes of another architecture
-                raise LabError(f"model.net.weights={weights} does not fit {arch}: {err}") from err
-        if in_shape[0] != 3:  # grayscale input: a first conv for C channels, pretrained filters summed over RGB
-            old = self.model.conv1
-            self.model.conv1 = nn.Conv2d(in_shape[0], old.out_channels, old.kernel_size, old.stride, old.padding,
-                                         bias=False)
-            with torch.no_grad():
-                self.model.conv1.weight.copy_(old.weight.sum(1, keepdim=True).expand_as(self.model.conv1.weight))
-        features = self.model.fc.in_features
-        self.model.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
-        if freeze == "backbone":
-            self.freeze_backbone()
-
-    @property
-    def head(self) -> nn.Module:
-        return self.model.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.model.fc[1] = nn.Linear(self.model.fc[1].in_features, num_classes)
-
-    def forward(self, x):
-        return self.model(x)

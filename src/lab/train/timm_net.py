@@ -131,6 +131,9 @@ class TimmNet(PretrainedNet):
     dropped and grayscale input gets the pretrained first filters summed over RGB (timm's adapt_input_conv).
     Fixed-size nets (ViT) are built for the data's image size, position embeddings resampled by timm."""
 
+    NAME_KEY = "name"  # the config key errors name for the architecture (ResNet's is arch)
+    CREATE_KWARGS: dict = {}  # more arguments of timm.create_model a subclass fixes
+
     def __init__(self, in_shape, num_classes: int, name: str = "mobilenetv3_small_100", weights: str | None = None,
                  freeze: str = "none", dropout: float = 0.0):
         super().__init__()
@@ -138,7 +141,7 @@ class TimmNet(PretrainedNet):
         if freeze not in ("none", "backbone"):
             raise LabError(f"model.net.freeze={freeze!r} is not valid: choose 'none' or 'backbone'.")
         c, h, w = in_shape
-        kwargs = {"num_classes": num_classes, "in_chans": c, **weight_kwargs(name, weights)}
+        kwargs = {"num_classes": num_classes, "in_chans": c, **self.CREATE_KWARGS, **weight_kwargs(name, weights)}
         if dropout:  # timm's dropout before the classifier; some nets take no drop_rate, so only when asked
             kwargs["drop_rate"] = dropout
         if fixed_size(name):
@@ -154,7 +157,7 @@ class TimmNet(PretrainedNet):
             if weights is not None:
                 raise LabError(f"model.net.weights={weights} does not fit {name}: {first}") from err
             self._check_side(name, c, h, w)
-            raise LabError(f"model.net.name={name} cannot be built for {c}x{h}x{w} input: {first}") from err
+            raise LabError(f"model.net.{self.NAME_KEY}={name} cannot be built for {c}x{h}x{w} input: {first}") from err
         if weights not in (None, "pretrained"):
             check_loaded(self.model, name, kwargs["pretrained_cfg_overlay"]["file"])
         trained_side = min(self.model.pretrained_cfg.get("input_size", (3, 0, 0))[1:])
@@ -162,17 +165,17 @@ class TimmNet(PretrainedNet):
             self._check_side(name, c, h, w)
         if min(h, w) < trained_side and not _accepts(self.model, c, h, w):  # below what it was trained at: try
             self._check_side(name, c, h, w)
-            raise LabError(f"model.net.name={name} does not take {c}x{h}x{w} input; it was trained at "
+            raise LabError(f"model.net.{self.NAME_KEY}={name} does not take {c}x{h}x{w} input; it was trained at "
                            f"{trained_side}x{trained_side}: set data.image_size={trained_side}.")
         if freeze == "backbone":
             self.freeze_backbone()
 
-    @staticmethod
-    def _check_side(name: str, c: int, h: int, w: int) -> None:
+    @classmethod
+    def _check_side(cls, name: str, c: int, h: int, w: int) -> None:
         need = min_side(name, c)
         if min(h, w) < need:
             raise LabError(f"image size {h}x{w} is too small for {name}: it needs at least {need}x{need}. Raise "
-                           "data.image_size or choose another model.net.name.")
+                           f"data.image_size or choose another model.net.{cls.NAME_KEY}.")
 
     @classmethod
     def smallest_side(cls, settings: dict) -> int:
