@@ -266,6 +266,19 @@ def test_no_network_says_where_to_put_the_archive(tmp_path):
     assert not (root / "flower_photos").exists()
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full (every write: ENOSPC)")
+def test_a_full_disk_is_said_and_not_retried(server, tmp_path):
+    data = flowers_tgz()
+    server.files["/flower_photos.tgz"] = data
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "flower_photos.tgz.partial").symlink_to("/dev/full")
+    with pytest.raises(LabError, match=f"The disk holding {root} is full after 0.0 MB of {server.url}/flower_photos.tgz:"
+                                       " free some space and rerun.$"):
+        run_fetch("flowers", "--root", str(root), "--url", server.url + "/flower_photos.tgz", "--sha256", sha256(data))
+    assert len(server.requests) == 1 and not (root / "flower_photos").exists()
+
+
 def test_http_error_is_a_lab_error(server, tmp_path):
     with pytest.raises(LabError, match="HTTP 404"):
         run_fetch("flowers", "--root", str(tmp_path), "--url", server.url + "/missing.tgz")

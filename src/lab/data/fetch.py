@@ -7,6 +7,7 @@ the same pinned checksums unless --skip-checksum says otherwise; whatever fails 
 Only the standard library is imported at module level: `lab --help` must not pay for torch.
 """
 import argparse
+import errno
 import hashlib
 import http.client
 import os
@@ -140,34 +141,33 @@ def note(message: str) -> None:
 # -- downloading ----------------------------------------------------------------------------------
 
 class Progress:
-    """One line on stderr, redrawn on a terminal; a plain line per 10% when stderr is a file or pipe."""
+    """tqdm's bar on a terminal; a plain line per 10% when stderr is a file or pipe (a log, a sweep worker's)."""
 
     def __init__(self, label: str, done: int, total: int | None):
+        from tqdm import tqdm  # lazily: `lab --help` imports this module
+
         self.label, self.done, self.total = label, done, total
-        self.start_done, self.start = done, time.monotonic()
-        self.tty, self.drawn, self.step = sys.stderr.isatty(), 0.0, -1
+        self.start_done, self.start, self.step = done, time.monotonic(), -1
+        self.bar = tqdm(total=total, initial=done, desc=label, unit="B", unit_scale=True, disable=None)
+        self.log = bool(self.bar.disable)  # tqdm: None on a terminal, True elsewhere (and after close)
 
     def add(self, n: int) -> None:
         self.done += n
-        now = time.monotonic()
-        if self.tty and now - self.drawn > 0.1:
-            self.drawn = now
-            self._write("\r")
-        elif not self.tty and self.total and self.done * 10 // self.total > self.step:
+        self.bar.update(n)
+        if self.log and self.total and self.done * 10 // self.total > self.step:
             self.step = self.done * 10 // self.total
-            self._write("", "\n")
+            self._line()
 
     def close(self) -> None:
-        if self.tty or self.step < 10:  # a file already got its 100% line
-            self._write("\r" if self.tty else "", "\n")
+        self.bar.close()
+        if self.log and self.step < 10:  # a log already got its 100% line
+            self._line()
 
-    def _write(self, head: str, tail: str = "") -> None:
+    def _line(self) -> None:
         mb, rate = self.done / 1e6, (self.done - self.start_done) / 1e6 / max(time.monotonic() - self.start, 1e-3)
         pct = f"{100 * self.done / self.total:3.0f}% " if self.total else ""
         size = f"{mb:.1f}/{self.total / 1e6:.1f} MB" if self.total else f"{mb:.1f} MB"
-        clear = "\033[K" if self.tty else ""  # a shorter redraw must not leave old characters behind
-        sys.stderr.write(f"{head}{self.label}: {pct}{size} {rate:.1f} MB/s{clear}{tail}")
-        sys.stderr.flush()
+        note(f"{self.label}: {pct}{size} {rate:.1f} MB/s")
 
 
 def download(url: str, partial: Path) -> None:
@@ -180,7 +180,7 @@ def download(url: str, partial: Path) -> None:
             raise
         except (OSError, http.client.HTTPException) as err:  # refused, reset, timeout, IncompleteRead
             got = partial.stat().st_size if partial.exists() else 0
-            if got <= before or attempt == ATTEMPTS:
+            if got <= before or attempt == ATTEMPTS or getattr(err, "errno", None) == errno.ENOSPC:
                 raise
             note(f"{partial.name}: connection lost at {got / 1e6:.1f} MB ({err!r}); resuming")
 
@@ -219,8 +219,12 @@ def fetch_file(url: str, partial: Path, by_hand: str) -> None:
         raise LabError(f"Downloading {url} failed: the server answered HTTP {err.code} {err.reason}. "
                        f"{by_hand}") from err
     except (OSError, http.client.HTTPException) as err:
+        got = partial.stat().st_size if partial.exists() else 0
+        kept = f" ({partial} is kept: rerunning resumes it)" if got else ""
+        if getattr(err, "errno", None) == errno.ENOSPC:  # a write failed, not the network: no retry either
+            raise LabError(f"The disk holding {partial.parent} is full after {got / 1e6:.1f} MB of {url}: free "
+                           f"some space and rerun{kept}.") from err
         reason = getattr(err, "reason", None) or err
-        kept = f" ({partial} is kept: rerunning resumes it)" if partial.exists() else ""
         raise LabError(f"Could not download {url}: {reason}{kept}. If this machine has no network access, "
                        f"fetch the file elsewhere, then {by_hand}") from err
 
