@@ -1,6 +1,7 @@
 """The terminal view of a running sweep: counts, best so far, one line per worker. Redrawn in place on a
 terminal; elsewhere (logs, CI) a line is printed only when something changed."""
 import json
+import shutil
 import sys
 import time
 
@@ -47,6 +48,22 @@ def lines(sweep: Sweep, study: optuna.Study, pool: Pool, started: float) -> list
 SAID = ("best", "stopping", "tracking server")  # the lines a log gets besides the counts, each time they change
 
 
+def fitted(text: list[str], columns: int, rows: int) -> tuple[list[str], int]:
+    """(the lines to draw, the terminal rows they take): a line longer than the terminal is as wide takes
+    more than one row, and what does not fit above the cursor's row becomes one '... N more' line: the
+    cursor cannot move back up into the scrollback to redraw it."""
+    need = [max(1, -(-len(line) // columns)) for line in text]
+    if sum(need) < rows:
+        return text, sum(need)
+    kept, used = [], 1  # a row for the '... N more' line
+    for line, n in zip(text, need):
+        if used + n >= rows:
+            break
+        kept.append(line)
+        used += n
+    return [*kept, f"... {len(text) - len(kept)} more lines: a taller terminal shows them"[:columns]], used
+
+
 class LiveView:
     """notes(): lines shown below the rest while they last (reachability.TrackingWatch.notes)."""
 
@@ -60,9 +77,9 @@ class LiveView:
     def show(self, text: list[str]) -> None:
         text = [*text, *self.notes()]
         if self.live:
-            up = f"\x1b[{self.shown}F\x1b[J" if self.shown else ""
-            self.stream.write(up + "\n".join(text) + "\n")
-            self.shown = len(text)
+            up = f"\x1b[{self.shown}F\x1b[J" if self.shown else ""  # to the first row drawn, clear to the end
+            drawn, self.shown = fitted(text, *shutil.get_terminal_size())
+            self.stream.write(up + "\n".join(drawn) + "\n")
         elif self.changed(text):
             said = [line for line in text[1:] if line.startswith(SAID)]
             self.stream.write("  ".join([text[0], *said]) + "\n")
