@@ -136,7 +136,7 @@ def command(args) -> None:
         chosen.append((t.number, run_id))
     if len(trials) < args.top and args.trials is None:
         print(f"the study has {len(trials)} completed trial(s): averaging those")
-    client = models.client()
+    client = results.client()
     started = time.perf_counter()
     members, scalars, test_report = evaluate(client, chosen)
     scored = time.perf_counter() - started

@@ -212,7 +212,7 @@ def log(source, args, name: str, file: Path, rows: list[Row], diff: float, param
     from lab.train import tracking
 
     uri = results.mlflow_uri()
-    experiment = models.client().get_experiment(source.info.experiment_id).name
+    experiment = results.client().get_experiment(source.info.experiment_id).name
     tags = {"lab.command": "lab export " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["export"] else []),
             "lab.export.source_run": source.info.run_id, "lab.export.variant": name}
     with tracking.run(uri, experiment, f"export-{name}", source.info.run_id, tags) as (client, run_id):
@@ -243,7 +243,7 @@ def command(args) -> None:
                        f"({model.run_id or 'its run id'}), which holds the weights and the data to score it on.")
     if not model.run_id:
         raise LabError(f"MODEL {args.model} names no MLflow run, so its data is unknown: give {models.VALID}.")
-    mlflow_client = models.client()
+    mlflow_client = results.client()
     source = mlflow_client.get_run(model.run_id)
     cfg = rebuild.run_config(model.run_id, results.mlflow_uri())
     datamodule, module = load_data(cfg, model.run_id, with_module=args.prune is not None)

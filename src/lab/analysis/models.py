@@ -5,13 +5,11 @@ class probabilities (its normalisation inside: lab.data.normalise, as training a
 says what it was trained on (class names, input shape, mean and std), and the MLflow run it came from. `lab predict` and `lab ensemble` read models through here.
 An .onnx file resolves to an OnnxModel (lab.analysis.onnx_model): the same meta, class_names, probabilities().
 """
-import os
 import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -53,14 +51,6 @@ class Model:
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def client() -> MlflowClient:
-    # A progress bar per config.yaml read would drown the table the commands print.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = results.mlflow_uri()
-    mlflow.set_tracking_uri(uri)  # mlflow.pytorch.load_model and models:/ URIs read the global one
-    return MlflowClient(uri)
 
 
 def from_uri(uri: str, name: str, run_id: str | None = None) -> Model:
@@ -175,7 +165,7 @@ def load(name: str, storage: str | None = None, out: str | None = None, study: s
         from lab.analysis import onnx_model
 
         return onnx_model.load(path, name)
-    mlflow_client = client()
+    mlflow_client = results.client()
     if name.startswith(("models:/", "runs:/")):
         return from_uri(name, name)
     if path.is_file() and path.suffix in (".yaml", ".yml"):

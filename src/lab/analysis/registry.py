@@ -8,7 +8,7 @@ import optuna
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from lab.analysis import models, results
+from lab.analysis import results
 from lab.sweep import ranking
 from lab.train import tracking
 
@@ -21,7 +21,8 @@ def logged_model_uri(client: MlflowClient, run_id: str) -> str:
     uri = client.get_run(run_id).data.tags.get(tracking.MODEL_TAG)
     if uri:
         return uri
-    from lab.train import exported  # Lightning's imports, only when a model must be logged
+    from lab.analysis import models  # torch's and Lightning's imports, only when a model must be logged
+    from lab.train import exported
 
     module, datamodule = models.checkpointed(client, run_id, f"run {run_id}")
     return exported.log(run_id, module, datamodule, results.mlflow_uri())
@@ -50,7 +51,7 @@ def register(study_name: str, trial: optuna.trial.FrozenTrial) -> str | None:
     if not run_id:
         print(f"warning: trial {trial.number} has no MLflow run, so no model was registered")
         return None
-    client = models.client()
+    client = results.client()
     try:
         uri = logged_model_uri(client, run_id)
         version = version_of(client, study_name, run_id, uri, trial.number)

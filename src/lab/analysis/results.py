@@ -1,8 +1,11 @@
 """A finished (or running) sweep, opened for the commands that read it afterwards: `lab best`, `lab confirm`,
 `lab report`, `lab ensemble`."""
+import os
 from pathlib import Path
 
+import mlflow
 import optuna
+from mlflow.tracking import MlflowClient
 
 from lab.errors import LabError
 from lab.sweep import records, spec
@@ -23,6 +26,14 @@ def open_study(args) -> tuple[spec.Sweep, Path, optuna.Study, str]:
 
 def mlflow_uri() -> str:
     return absolute_uri(tracking.tracking_uri())
+
+
+def client() -> MlflowClient:
+    # A progress bar per config.yaml read would drown the table the commands print.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = mlflow_uri()
+    mlflow.set_tracking_uri(uri)  # mlflow.pytorch.load_model and models:/ URIs read the global one
+    return MlflowClient(uri)
 
 
 def parent_run_id(study: optuna.Study) -> str:
