@@ -25,10 +25,10 @@ demo: install
 TEST_PROCESSES ?= 3
 
 test: install
-	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile --durations=30
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder --durations=30
 
 test-fast: install
-	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 # The fast tests on the lowest versions pyproject.toml declares for Optuna and MLflow (whose private names
 # lab/private.py holds), in a venv of their own; `make test-fast` runs them on the highest that install.
@@ -40,7 +40,7 @@ test-lowest:
 	$(LOWEST_VENV)/bin/python -c "import torch, torchvision" 2>/dev/null || $(LOWEST_VENV)/bin/python -m pip install -q $(TORCH)
 	$(LOWEST_VENV)/bin/python -m pip install -q -e '.[test]' $(LOWEST)
 	$(LOWEST_VENV)/bin/python -c "import optuna, mlflow; print('optuna', optuna.__version__, 'mlflow', mlflow.__version__)"
-	$(LOWEST_VENV)/bin/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile -m "not slow"
+	$(LOWEST_VENV)/bin/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench

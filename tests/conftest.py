@@ -77,6 +77,23 @@ def pytest_configure(config):
         config.addinivalue_line("filterwarnings", line)
 
 
+# The files that take longest on 2 cores, longest first (wall seconds of their tests in one `make test`, 2026-12-03:
+# journeys ~730, supervision ~420, cluster ~340, faults ~320, stack_sweep ~310, outages ~270 ...). `make test` hands
+# whole files to its processes in collection order (--no-loadscope-reorder): started last, test_journeys alone
+# ran ~10 minutes after the other processes had finished; started first, it runs beside the short files.
+LONGEST_FIRST = ("test_journeys", "test_supervision", "test_cluster", "test_faults", "test_stack_sweep",
+                 "test_outages", "test_sweep_e2e", "test_seeds", "test_slurm", "test_warm_stop", "test_train_cli",
+                 "test_readme", "test_ensemble", "test_confirm_report", "test_first_contact3", "test_install",
+                 "test_data_scale", "test_disk_full", "test_mlflow_views", "test_server", "test_journal",
+                 "test_serving", "test_objectives", "test_stack")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    order = {item: i for i, item in enumerate(items)}  # within a file, the file's own order (module fixtures)
+    items.sort(key=lambda item: (rank.get(item.path.stem, len(rank)), order[item]))
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """LAB_TEST_CPU=FILE: each test's CPU seconds (this process and the `lab` processes it waited for) appended as
