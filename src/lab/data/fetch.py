@@ -64,6 +64,10 @@ class IdxFiles:
     md5: dict[str, str]  # file name -> MD5 of the canonical file
 
 
+# The four files of an MNIST-format dataset, in the order the MD5s below are given.
+IDX_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz")
+
 DATASETS = {
     "flowers": Archive(
         url="http://download.tensorflow.org/example_images/flower_photos.tgz", size=228_813_984,
@@ -78,19 +82,14 @@ DATASETS = {
     # MD5s of the original .gz files, as torchvision's MNIST/FashionMNIST classes pin them. Debian's
     # dataset-fashion-mnist package re-gzips the files, so its copies have other MD5s (same content).
     "mnist": IdxFiles(
-        url="https://ossci-datasets.s3.amazonaws.com/mnist/", target="mnist",
-        system_dirs=("/usr/share/datasets/mnist",), md5={
-            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}),
+        url="https://ossci-datasets.s3.amazonaws.com/mnist/", target="mnist", system_dirs=("/usr/share/datasets/mnist",),
+        md5=dict(zip(IDX_NAMES, ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                                 "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c")))),
     "fashion_mnist": IdxFiles(
         url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", target="fashion_mnist",
-        system_dirs=("/usr/share/datasets/fashion-mnist",), md5={
-            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
+        system_dirs=("/usr/share/datasets/fashion-mnist",),
+        md5=dict(zip(IDX_NAMES, ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                                 "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310")))),
 }
 
 
