@@ -63,6 +63,19 @@ def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int 
     return root
 
 
+def lab_main(capsys, *args) -> tuple[int, str, str]:
+    """`lab ARGS` in this process (no torch import paid again): (exit status, stdout, stderr)."""
+    from lab import cli
+
+    try:
+        cli.main([*map(str, args)])
+        status = 0
+    except SystemExit as stop:
+        status = stop.code
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
 def target_class(target: str) -> type:
     module, _, name = target.rpartition(".")
     return getattr(importlib.import_module(module), name)

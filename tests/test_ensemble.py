@@ -9,8 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import _copy_conf, _lab_env, _load_journal, _run_lab, _write_sweep
-from lab import cli
+from conftest import _copy_conf, _lab_env, _load_journal, _run_lab, _write_sweep, lab_main
 from lab.sweep import ranking
 
 pytestmark = pytest.mark.slow  # a real `lab sweep` of 3 trials, then `lab best` twice
@@ -57,13 +56,8 @@ def inside(sweep, monkeypatch):
 
 
 def lab_in_process(capsys, *args) -> tuple[int, str]:
-    try:
-        cli.main([*map(str, args)])
-        status = 0
-    except SystemExit as stop:
-        status = stop.code
-    out = capsys.readouterr()
-    return status, out.out + out.err
+    status, out, err = lab_main(capsys, *args)
+    return status, out + err
 
 
 def ensemble_runs(client: MlflowClient, parent: str) -> list:

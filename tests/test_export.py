@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from onnx import numpy_helper
 
-from lab import cli
+from conftest import lab_main
 from lab.analysis import models, onnx_model
 from lab.config import load
 from lab.data.idx import FILES, read_idx
@@ -35,15 +35,7 @@ def train(overrides: list[str], out: Path) -> tuple[str, dict, object]:
     return run.info.run_id, metrics, datamodule
 
 
-def lab(capsys, *args) -> tuple[int, str, str]:
-    """`lab ARGS` in this process: (exit status, stdout, stderr)."""
-    try:
-        cli.main([*map(str, args)])
-        status = 0
-    except SystemExit as stop:
-        status = stop.code
-    out = capsys.readouterr()
-    return status, out.out, out.err
+lab = lab_main  # `lab ARGS` in this process: (exit status, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
