@@ -139,6 +139,9 @@ def test_gpu_parsing_and_placement():
     cpu = pool.placement([], per_gpu=1, cpu_workers=2, cpu_count=2)
     assert [(s.name, s.env["CUDA_VISIBLE_DEVICES"], s.env["LAB_TORCH_THREADS"]) for s in cpu] == [
         ("cpu0", "", "1"), ("cpu1", "", "1")]
+    # $LAB_TORCH_THREADS set by the user is what every worker gets, not the share of the cores.
+    assert {s.env["LAB_TORCH_THREADS"] for s in pool.placement([], 1, cpu_workers=1, cpu_count=8, threads=1)} == {"1"}
+    assert {s.env["LAB_TORCH_THREADS"] for s in pool.placement([0], 2, cpu_workers=1, cpu_count=8, threads=3)} == {"3"}
     with pytest.raises(LabError, match="--workers-per-gpu=0"):
         pool.placement([0], per_gpu=0, cpu_workers=1, cpu_count=2)
 

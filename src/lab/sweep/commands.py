@@ -55,7 +55,7 @@ def choose_slots(args, sweep: spec.Sweep) -> list[pool.Slot]:
             per_gpu = int(args.workers_per_gpu)
         except ValueError as err:
             raise LabError(f"--workers-per-gpu={args.workers_per_gpu!r} is not valid: an integer >= 1 or 'auto'.") from err
-    return pool.placement(gpus, per_gpu, args.workers or 1, os.cpu_count() or 1)
+    return pool.placement(gpus, per_gpu, args.workers or 1, os.cpu_count() or 1, settings.get("LAB_TORCH_THREADS"))
 
 
 @dataclass

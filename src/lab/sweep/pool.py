@@ -71,19 +71,20 @@ def describe_exit(code: int) -> str:
     return f"exit status {code}"
 
 
-def placement(gpus: list[int], per_gpu: int, cpu_workers: int, cpu_count: int) -> list[Slot]:
+def placement(gpus: list[int], per_gpu: int, cpu_workers: int, cpu_count: int, threads: int = 0) -> list[Slot]:
+    """threads: the user's $LAB_TORCH_THREADS for every worker; 0 gives each worker its share of the cores."""
     if per_gpu < 1:
         raise LabError(f"--workers-per-gpu={per_gpu} is not valid: it must be at least 1 (or 'auto').")
     if gpus:
         n = len(gpus) * per_gpu
-        threads = str(max(1, cpu_count // n))
-        return [Slot(f"gpu{g}.{k}", f"cuda:{g}", {"CUDA_VISIBLE_DEVICES": str(g), "LAB_TORCH_THREADS": threads,
+        share = str(threads or max(1, cpu_count // n))
+        return [Slot(f"gpu{g}.{k}", f"cuda:{g}", {"CUDA_VISIBLE_DEVICES": str(g), "LAB_TORCH_THREADS": share,
                                                         placing.SLOTS_ENV: str(per_gpu)})
                 for g in gpus for k in range(per_gpu)]
     if cpu_workers < 1:
         raise LabError(f"--workers={cpu_workers} is not valid: it must be at least 1.")
-    threads = str(max(1, cpu_count // cpu_workers))
-    return [Slot(f"cpu{k}", "cpu", {"CUDA_VISIBLE_DEVICES": "", "LAB_TORCH_THREADS": threads})
+    share = str(threads or max(1, cpu_count // cpu_workers))
+    return [Slot(f"cpu{k}", "cpu", {"CUDA_VISIBLE_DEVICES": "", "LAB_TORCH_THREADS": share})
             for k in range(cpu_workers)]
 
 
