@@ -163,3 +163,53 @@ def test_a_net_vmap_cannot_run_is_said_in_one_line(tmp_path):
     s.template.layers.insert(0, Inplace())
     with pytest.raises(stack.CannotStack, match="vmap cannot run"):
         s.probe()
+
+
+def test_a_member_cut_off_resumes_from_its_last_ckpt_as_an_uninterrupted_member_goes_on(tmp_path, mlflow_uri):
+    """A stack of two is interrupted in its third epoch (Interrupted, as SIGTERM raises it, from member 0's epoch
+    hook): member 0's last.ckpt holds 2 finished epochs. A retry from it trains as a stack of one, logs epochs 2
+    and 3 only, and its epochs and test metrics equal the same member's in a stack never interrupted, within
+    1e-4; a cosine schedule (its lr a function of the epoch) checks that the lr goes on from where it was."""
+    from lab.errors import Interrupted
+    from lab.train import stack_resume
+
+    base = [*MLP, "trainer.max_epochs=4", "scheduler=cosine", "checkpoint.last_every_s=0"]
+    values = [["seed=0", "model.optimizer.lr=0.01"], ["seed=1", "model.optimizer.lr=0.003"]]
+
+    def stacked(prefix):
+        ms = members(base, values, tmp_path, prefix)
+        for m in ms:
+            m.keep_last = True
+        return ms
+
+    def cut(epoch, metrics):
+        if epoch == 2:
+            raise Interrupted("SIGTERM")
+
+    cut_off = stacked("cut")
+    cut_off[0].on_epoch = cut
+    with pytest.raises(Interrupted):
+        stack_run.run(cut_off)
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(cut_off[0].run_id).info.status == "KILLED"
+    last = cut_off[0].out_dir / "checkpoints" / "last.ckpt"
+    assert stack_resume.read(last)["epoch"] == 2
+
+    retry = stack_run.Member(load([*base, *values[0]]), tmp_path / "retry", run_name="retry", require="val/acc",
+                             keep_last=True, resume_from=str(last))
+    assert stack_run.run([retry]) is None
+    assert isinstance(retry.outcome, dict), retry.outcome
+    assert client.get_run(retry.run_id).data.tags["lab.resume"] == f"resumed after epoch 2 from {last}"
+    assert [m.step for m in client.get_metric_history(retry.run_id, "val/acc")] == [2, 3]  # no step twice
+    assert stack_resume.read(retry.out_dir / "checkpoints" / "last.ckpt")["epoch"] == 4
+
+    whole = stacked("whole")
+    assert stack_run.run(whole) is None
+    got, want = histories(client, retry.run_id), histories(client, whole[0].run_id)
+    for key in EPOCH_METRICS:
+        assert got[key] == pytest.approx(want[key][2:], abs=1e-4), key
+    for key in ("test/acc", "test/loss", "test/f1_macro"):
+        assert retry.outcome[key] == pytest.approx(whole[0].outcome[key], abs=1e-4), key
+    tags, want_tags = client.get_run(retry.run_id).data.tags, client.get_run(whole[0].run_id).data.tags
+    assert tags["lab.best_epoch"] == want_tags["lab.best_epoch"]
+    assert Path(tags["checkpoint"]).parent == retry.out_dir / "checkpoints"  # its own copy of the best epoch

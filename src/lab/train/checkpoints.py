@@ -18,15 +18,20 @@ from lab.errors import LabError
 NAME = "last.ckpt"
 
 
+def interval(every_s) -> float:
+    """checkpoint.last_every_s as seconds, or a LabError naming it (also read by the stacked loop's members)."""
+    try:
+        seconds = float(every_s)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not seconds >= 0:  # also refuses NaN
+        raise LabError(f"checkpoint.last_every_s={every_s} is not valid: use seconds >= 0 (0: every epoch).")
+    return seconds
+
+
 class LastCheckpoint(Callback):
     def __init__(self, dirpath: str | Path, every_s: float):
-        try:
-            seconds = float(every_s)
-        except (TypeError, ValueError):
-            seconds = math.nan
-        if not seconds >= 0:  # also refuses NaN
-            raise LabError(f"checkpoint.last_every_s={every_s} is not valid: use seconds >= 0 (0: every epoch).")
-        self.path, self.every_s = Path(dirpath) / NAME, seconds
+        self.path, self.every_s = Path(dirpath) / NAME, interval(every_s)
         self.written_at = time.monotonic()
 
     def on_fit_start(self, trainer, pl_module):

@@ -21,7 +21,7 @@ from mlflow.entities import Metric
 from omegaconf import DictConfig
 
 from lab import config_schema
-from lab.train import job, memory, tracking
+from lab.train import checkpoints, job, memory, stack_resume, tracking
 from lab.train.stack import CannotStack, Stack, build_members, static_reason
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,10 @@ class Member:
     on_epoch: Callable | None = None
     on_end: Callable | None = None
     require: str | None = None
+    keep_last: bool = False  # write its last.ckpt (stack_resume.py) for a retry to resume from
+    resume_from: str | None = None  # a last.ckpt stack_resume.write wrote: it continues from there, in a stack of one
     outcome: Any = None  # set when it ends
+    resume: dict | None = None  # the state read from resume_from
     # Filled while it trains:
     client: Any = None
     run_id: str | None = None
@@ -118,12 +121,22 @@ def run(members: list[Member], callbacks: tuple = (), pulse: Callable[[], None] 
     """Train the members, together when they can; returns None, or the line saying why they trained alone.
     callbacks: Lightning callbacks for the runs trained alone; pulse(): after every batch; tested(): once a
     stack's test pass is done (from there on it records, and gets through no more batches)."""
-    if len(members) == 1:
+    resumed = [m for m in members if m.resume_from]
+    if resumed and len(members) > 1:
+        raise ValueError("a member that resumes from its last.ckpt trains in a stack of its own")
+    for m in resumed:
+        m.resume = stack_resume.read(m.resume_from)
+        m.tags["lab.resume"] = (f"resumed after epoch {m.resume['epoch']} from {m.resume_from}" if m.resume else
+                                f"started afresh: {m.resume_from} cannot be read as a stacked member's state")
+    if len(members) == 1 and not (resumed and resumed[0].resume):
         alone(members, callbacks)
         return None
     reason, built = why_not(members)
     if reason:
         line = f"{len(members)} {what} train one at a time, not as one stack: {reason}"
+        if resumed:
+            line += " (so it starts afresh)"
+            resumed[0].tags["lab.resume"] = f"started afresh: it cannot train through the stacked loop ({reason})"
         log.warning(line)
         alone(members, callbacks)
         return line
@@ -219,7 +232,7 @@ def save_best(m: Member, model, epoch: int, step: int) -> str:
     partial = path.with_name(f".{path.name}.partial")
     torch.save(state, partial)
     partial.replace(path)
-    if m.best is not None and m.best[1] != str(path):
+    if m.best is not None and m.best[1] and m.best[1] != str(path):
         Path(m.best[1]).unlink(missing_ok=True)
     return str(path)
 
@@ -255,8 +268,13 @@ def train(stack: Stack, datamodule, members: list[Member], pulse: Callable[[], N
             open_.append(m)
         steps = stack.steps_per_epoch()
         epochs = int(cfg.trainer.max_epochs)
-        written = time.monotonic()
-        for epoch in range(epochs):
+        start = stack_resume.restore(stack, members)
+        for i, m in enumerate(members):
+            if m.resume and stack_resume.stopped(m):
+                stack.leave(i)  # it had stopped early: tested below
+        every_s = checkpoints.interval(cfg.checkpoint.last_every_s)
+        written = saved = time.monotonic()
+        for epoch in range(start, epochs):
             if not stack.active:
                 break
             for x, y in stack.epoch_batches(steps):
@@ -266,6 +284,7 @@ def train(stack: Stack, datamodule, members: list[Member], pulse: Callable[[], N
             stack.sync()
             val = stack.validate(stack.val_batches())
             pulse()
+            went_on = []  # the members through this epoch (stopped early or not): their last.ckpt may be due
             for i in list(stack.active):
                 m = members[i]
                 try:
@@ -276,6 +295,7 @@ def train(stack: Stack, datamodule, members: list[Member], pulse: Callable[[], N
                     stack.leave(i)
                     end(m, err)
                     continue
+                went_on.append(i)
                 if not goes_on:
                     stack.leave(i)  # stopped early: tested below, as the others
             if time.monotonic() - written >= WRITE_EVERY_S:
@@ -283,6 +303,11 @@ def train(stack: Stack, datamodule, members: list[Member], pulse: Callable[[], N
                 written = time.monotonic()
             if stack.scheduler is not None:
                 stack.scheduler.step()
+            keep = [i for i in went_on if members[i].keep_last]
+            if keep and time.monotonic() - saved >= every_s:  # LastCheckpoint's rule, for the stack as a whole
+                for i in keep:
+                    stack_resume.write(stack, members[i], i, epoch + 1)
+                saved = time.monotonic()
         stack.sync()
         outcomes = test(stack, members, pulse)
         tested()
@@ -313,7 +338,7 @@ def test(stack: Stack, members: list[Member], pulse: Callable[[], None]) -> dict
         m = members[i]
         try:
             flush(m)
-            if m.best:
+            if m.best and m.best[1]:
                 state = torch.load(m.best[1], map_location=stack.device, weights_only=True)["state_dict"]
                 stack.models[i].load_state_dict(state)
         except (KeyboardInterrupt, SystemExit):
@@ -341,7 +366,7 @@ def record(stack: Stack, datamodule, m: Member, i: int, uri: str, scalars: dict[
     costs, the model); returns its metrics (last epoch's train/val, test, costs) or the exception it failed with."""
     try:
         with memory.guard(m.cfg):
-            best = m.best[1] if m.best else None
+            best = (m.best[1] or None) if m.best else None
             tested = job.Tested(scalars, best, m.epochs, stack.device, stack.bf16)
             results = job.record(m.cfg, m.client, m.run_id, uri, datamodule, stack.models[i], tested, m.require,
                                  m.trained, costs, log_scalars=True,
