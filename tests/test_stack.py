@@ -130,6 +130,19 @@ def test_members_differ_in_dropout_rate_and_each_draws_its_own_masks(tmp_path, m
     assert isinstance(ms[1].outcome, dict)
 
 
+def test_a_net_that_drops_without_dropout_layers_cannot_stack_different_rates():
+    """timm's ResNet drops through F.dropout(p=drop_rate): no layer to give each member its rate, so members
+    with different rates do not share one step (they would all train at the first's)."""
+    base = ["data=synthetic", "data.size=32", "data.n_train=64", "data.n_test=16", "data.batch_size=16", "model=resnet",
+            *QUIET]
+    cfgs = [load([*base, "model.net.dropout=0.0"]), load([*base, "model.net.dropout=0.5", "seed=1"])]
+    datamodule = job.instantiate(cfgs[0].data)
+    datamodule.setup("fit")
+    models, generators = stack.build_members(cfgs, datamodule)
+    with pytest.raises(stack.CannotStack, match=r"without nn.Dropout layers.*\[0.0, 0.5\]"):
+        stack.Stack(cfgs, models, generators, datamodule, torch.device("cpu"))
+
+
 def test_structural_difference_trains_one_at_a_time_with_one_line(tmp_path, mlflow_uri):
     ms = members([*MLP, "trainer.max_epochs=1"], [["model.net.hidden=[16]"], ["model.net.hidden=[32]"]],
                  tmp_path, "s")

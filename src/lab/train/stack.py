@@ -167,6 +167,12 @@ class Stack:
         self.datamodule, self.device = datamodule, device
         self.k = len(models)
         rates = [dropout_rates(m.net) for m in models]
+        asked = {c.model.net.get("dropout") for c in cfgs}
+        if len(asked) > 1 and not any(rates):
+            # timm's nets (model=resnet, model=timm) drop through F.dropout(p=drop_rate), not nn.Dropout layers:
+            # one template would train every member at the first member's rate.
+            raise CannotStack(f"{type(models[0].net).__name__} applies dropout without nn.Dropout layers, so members "
+                              f"with different model.net.dropout ({sorted(asked, key=str)}) cannot share one step")
         self.template = build_template(cfgs[0], datamodule, rates).to(device)
         n_drop = sum(isinstance(m, MemberDropout) for m in self.template.modules())
         for i, r in enumerate(rates):
