@@ -128,3 +128,19 @@ def test_resnet_bad_arch_and_freeze_raise():
         ResNet((3, 32, 32), 4, arch="resnet7")
     with pytest.raises(LabError, match="'head'"):
         ResNet((3, 32, 32), 4, freeze="head")
+
+
+def test_a_checkpoint_of_labs_earlier_resnet_loads():
+    """lab's own ResNet (before it was timm's) named its head model.fc.1 and its class lab.train.nets.ResNet:
+    runs and checkpoints made then load into today's."""
+    from hydra.utils import get_class
+
+    from lab.train import rebuild
+
+    assert get_class(rebuild.MOVED["lab.train.nets.ResNet"]) is ResNet
+    net = ResNet((1, 32, 32), 3, dropout=0.2)
+    old = {k.replace("model.fc.", "model.fc.1."): v.clone() for k, v in net.state_dict().items()}
+    assert "model.fc.1.weight" in old and "model.fc.weight" not in old
+    again = ResNet((1, 32, 32), 3, dropout=0.2)
+    again.load_state_dict(old)
+    assert torch.equal(again.model.fc.weight, net.model.fc.weight) and torch.equal(again.model.fc.bias, net.model.fc.bias)

@@ -15,6 +15,10 @@ from lab.errors import LabError
 from lab.train import job
 from lab.train.exported import tracking_at
 
+# Classes a run's config.yaml may name from an earlier lab: where they are now. lab's own ResNet became timm's
+# under the same keys on 2026-12-03 (its old head's state_dict keys are mapped by resnet.old_head).
+MOVED = {"lab.train.nets.ResNet": "lab.train.resnet.ResNet"}
+
 
 def rebuild(client: MlflowClient, run_id: str, uri: str):
     """(Classifier with the run's tested weights, its set-up datamodule), for a run that logged no model (a sweep
@@ -37,4 +41,8 @@ def run_config(run_id: str, uri: str):
             text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
     except (MlflowException, OSError) as err:
         raise LabError(f"run {run_id} has no config.yaml artifact to rebuild its model from ({err})") from err
-    return OmegaConf.create(text)
+    cfg = OmegaConf.create(text)
+    net = OmegaConf.select(cfg, "model.net")
+    if net is not None and net.get("_target_") in MOVED:
+        net._target_ = MOVED[net._target_]
+    return cfg

@@ -28,6 +28,15 @@ def weights_file(arch: str, weights: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(named[weights].url).path).name
 
 
+def old_head(module, state_dict, prefix, *_) -> None:
+    """Checkpoints of lab's own ResNet (before 2026-12-03) hold the head as Sequential(Dropout, Linear):
+    model.fc.1.* there is timm's model.fc.*."""
+    for end in ("weight", "bias"):
+        old = f"{prefix}model.fc.1.{end}"
+        if old in state_dict:
+            state_dict[f"{prefix}model.fc.{end}"] = state_dict.pop(old)
+
+
 class ResNet(TimmNet):
     """weights: null (random), a torchvision weights name (needs the hub cache or a network), a local
     state_dict file in torchvision's or timm's format, or a folder of ARCH.pth files."""
@@ -45,6 +54,7 @@ class ResNet(TimmNet):
         if weights is not None and not Path(str(weights)).expanduser().exists():
             weights = str(weights_file(arch, str(weights)))
         super().__init__(in_shape, num_classes, name=arch, weights=weights, freeze=freeze, dropout=dropout)
+        self.register_load_state_dict_pre_hook(old_head)
 
     @classmethod
     def smallest_side(cls, settings: dict) -> int:
