@@ -64,6 +64,8 @@ class IdxFiles:
     md5: dict[str, str]  # file name -> MD5 of the canonical file
 
 
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a full quota: writing again will not help
+
 # The four files of an MNIST-format dataset, in the order the MD5s below are given.
 IDX_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
              "t10k-labels-idx1-ubyte.gz")
@@ -179,7 +181,7 @@ def download(url: str, partial: Path) -> None:
             raise
         except (OSError, http.client.HTTPException) as err:  # refused, reset, timeout, IncompleteRead
             got = partial.stat().st_size if partial.exists() else 0
-            if got <= before or attempt == ATTEMPTS or getattr(err, "errno", None) == errno.ENOSPC:
+            if got <= before or attempt == ATTEMPTS or getattr(err, "errno", None) in FULL:
                 raise
             note(f"{partial.name}: connection lost at {got / 1e6:.1f} MB ({err!r}); resuming")
 
@@ -220,7 +222,7 @@ def fetch_file(url: str, partial: Path, by_hand: str) -> None:
     except (OSError, http.client.HTTPException) as err:
         got = partial.stat().st_size if partial.exists() else 0
         kept = f" ({partial} is kept: rerunning resumes it)" if got else ""
-        if getattr(err, "errno", None) == errno.ENOSPC:  # a write failed, not the network: no retry either
+        if getattr(err, "errno", None) in FULL:  # a write failed, not the network: no retry either
             raise LabError(f"The disk holding {partial.parent} is full after {got / 1e6:.1f} MB of {url}: free "
                            f"some space and rerun{kept}.") from err
         reason = getattr(err, "reason", None) or err

@@ -145,9 +145,15 @@ def record(cfg: DictConfig, client, run_id: str, uri: str, datamodule, model, te
     if best_at is not None:
         tags["lab.best_epoch"] = str(best_at)  # what `lab train`'s summary prints
         tags["lab.monitor"] = str(cfg.monitor.metric)
-    measured = costs_of(cfg, datamodule, model, tested.device, tested.bf16, costs)
+    measured, failed = {}, None
+    try:
+        measured = costs_of(cfg, datamodule, model, tested.device, tested.bf16, costs)
+    except Exception as err:  # noqa: BLE001 - raised again below, once what was tested is recorded
+        failed = err
     tracking.log_test_report(client, run_id, model.test_report, step=tested.epoch,
                              metrics={**(results if log_scalars else {}), **measured}, tags=tags)
+    if failed is not None:
+        raise failed
     results.update({f"test/f1/{k}": v["f1"] for k, v in model.test_report["classes"].items()})
     results["model/params"] = float(sum(p.numel() for p in model.net.parameters()))
     results.update(measured)

@@ -88,7 +88,7 @@ def grid(images: torch.Tensor, records: list[dict], columns: int = 8) -> Image.I
     heading = f"Misclassified test images, highest loss first ({n}; rows of {cols})"
     top = FONT + 16
     mode = "L" if c == 1 else "RGB"
-    canvas = Image.new(mode, (max(cols * column, probe.textbbox((0, 0), heading, font=font)[2] + 10),
+    canvas = Image.new(mode, (max(cols * column, probe.textbbox((0, 0), heading, font=confusion.font(FONT + 2))[2] + 10),
                               top + nrows * (band + h) + 4), 255 if c == 1 else (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     draw.text((canvas.width // 2, 4), heading, font=confusion.font(FONT + 2), fill=0 if c == 1 else "black",

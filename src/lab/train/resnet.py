@@ -16,16 +16,19 @@ from lab.train.timm_net import TimmNet, min_side
 def weights_file(arch: str, weights: str) -> Path:
     """A torchvision weights name's file, in torch's hub cache (TORCH_HOME/hub/checkpoints): downloaded once,
     checked against the hash its name carries, by torchvision's own get_state_dict."""
-    named = {w.name: w for w in torchvision.models.get_model_weights(arch)}
-    if weights not in named:
+    enum = torchvision.models.get_model_weights(arch)
+    try:  # torchvision's names: IMAGENET1K_V1, ResNet18_Weights.IMAGENET1K_V1, DEFAULT (an alias)
+        chosen = enum.verify(weights)
+    except (KeyError, ValueError) as err:
         raise LabError(f"model.net.weights={weights} is neither a file nor a weights name of {arch}: use a path "
-                       f"to a state_dict file (or a folder of {arch}.pth files), null, or one of {sorted(named)}.")
+                       f"to a state_dict file (or a folder of {arch}.pth files), null, DEFAULT, or one of "
+                       f"{sorted(w.name for w in enum)}.") from err
     try:
-        named[weights].get_state_dict(progress=True, check_hash=True)
+        chosen.get_state_dict(progress=True, check_hash=True)
     except (OSError, RuntimeError) as err:  # offline (URLError), or a download whose hash does not match
         raise LabError(f"model.net.weights={weights}: torchvision could not get {arch}'s weights ({err}); download "
                        "them where there is a network and give the file: model.net.weights=PATH.") from err
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(named[weights].url).path).name
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(chosen.url).path).name
 
 
 def old_head(module, state_dict, prefix, *_) -> None:
