@@ -94,11 +94,14 @@ def test_stacked_trials_through_best_replay_confirm_and_report(lab, workdir, swe
 @pytest.mark.slow
 def test_a_worker_killed_in_the_middle_of_a_stack_retries_every_unfinished_member(workdir, start_lab, sweep_file,
                                                                                    journal):
-    """SIGKILL of the worker after the stack's first epoch: all three members are reaped and queued again, the
-    retries (one stack again: they share a structure) complete, and nothing is left RUNNING in Optuna or MLflow."""
+    """SIGKILL of the worker after the stack's first epoch: all three members are reaped and queued again, each
+    retry resumes from the last.ckpt its member wrote (checkpoint.last_every_s=0: every epoch) as a stack of one
+    and logs only the epochs from there on, all complete, and nothing is left RUNNING in Optuna or MLflow."""
     import os
+    import re
     import signal
     import time
+    from pathlib import Path
 
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
@@ -112,16 +115,16 @@ def test_a_worker_killed_in_the_middle_of_a_stack_retries_every_unfinished_membe
                      "--no-live")
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     victims, end = [], time.time() + 300
-    while not victims and time.time() < end:  # three members running, the first epoch logged
+    while not victims and time.time() < end:  # three members running, the first epoch's last.ckpt written
         assert proc.poll() is None, proc.stdout.read()
         try:
             running = journal(tmp, "killed_stack").get_trials(states=(TrialState.RUNNING,))
         except (KeyError, FileNotFoundError):
             running = []
         if len(running) == 3 and all("mlflow_run_id" in t.user_attrs for t in running) and \
-                client.get_metric_history(running[0].user_attrs["mlflow_run_id"], "val/acc"):
+                (Path(running[0].user_attrs["checkpoint_dir"]) / "last.ckpt").is_file():
             victims = running
-        time.sleep(0.3)
+        time.sleep(0.1)
     assert victims, "the stack never got through an epoch"
     assert len({t.user_attrs["pid"] for t in victims}) == 1  # one worker owns the stack
     os.kill(int(victims[0].user_attrs["pid"]), signal.SIGKILL)
@@ -136,6 +139,14 @@ def test_a_worker_killed_in_the_middle_of_a_stack_retries_every_unfinished_membe
         (retry,) = [t for t in trials if t.user_attrs.get("lab.retry_of") == victim.number]
         assert retry.state == TrialState.COMPLETE and retry.params == victim.params
         assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status != "RUNNING"
+        last = f"{victim.user_attrs['checkpoint_dir']}/last.ckpt"
+        assert retry.user_attrs["lab.resume_from"] == last
+        tags = client.get_run(retry.user_attrs["mlflow_run_id"]).data.tags
+        resumed = re.fullmatch(rf"resumed after epoch (\d+) from {re.escape(last)}", tags["lab.resume"])
+        assert resumed, tags["lab.resume"]
+        start = int(resumed.group(1))  # epochs the member had finished (>= 1: one was logged before the kill)
+        steps = [m.step for m in client.get_metric_history(retry.user_attrs["mlflow_run_id"], "val/acc")]
+        assert 1 <= start and steps == (list(range(start, 4)) or [3])  # 4 epochs; none left: the last one's
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 3  # the budget holds
 
 

@@ -13,7 +13,7 @@ from lab.errors import StopRun
 from lab.sweep import liveness, scores, seeds, trial_record
 from lab.sweep.budget import RESUME_FROM, RETRY_OF
 from lab.sweep.spec import Sweep
-from lab.train import job, tracking
+from lab.train import job, stack_resume, tracking
 from lab.train.module import Diverged
 
 
@@ -94,6 +94,10 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, parent_run_id: str | None) -> f
     resume_from = trial.user_attrs.get(RESUME_FROM)  # set when this trial repeats one that was cut off
     if sweep.spec.seeds > 1:
         return run_seeded(sweep, trial, parent_run_id, cfg, tags, resume_from)
+    if resume_from and stack_resume.read(resume_from) is not None:  # a stacked member's last.ckpt
+        from lab.sweep import stacking
+
+        return stacking.resume(sweep, trial, parent_run_id, resume_from)
     if resume_from:
         tags["lab.resumed_from"] = resume_from
     try:

@@ -94,8 +94,8 @@ def next_waiting(study: optuna.Study):
 def ask_mates(sweep, study: optuna.Study, first: optuna.Trial, out_dir: Path) -> list[optuna.Trial]:
     """Up to stack - 1 more trials with the first one's structural values (PartialFixedSampler around the study's
     sampler), within the budget; call under the budget lock, after the first was asked and labelled. A queued
-    trial (a retry, an enqueued configuration) is taken only when it fits; a retry that resumes from its
-    last.ckpt never stacks (stacked members write none)."""
+    trial (a retry, an enqueued configuration) is taken only when it fits; a retry that resumes from a
+    last.ckpt trains alone (a lone trial's through Lightning, a member's as a stack of one: resume below)."""
     import json
 
     from lab.sweep import budget
@@ -165,9 +165,30 @@ def member(sweep, trial: optuna.Trial, parent: str | None, ended) -> stack_run.M
 
     out_dir = Path(trial.user_attrs["checkpoint_dir"]).parent
     m = stack_run.Member(cfg, out_dir, run_name=f"trial-{trial.number}", parent_run_id=parent, tags=tags,
-                         on_run=on_run, on_epoch=on_epoch, require=metric)
+                         on_run=on_run, on_epoch=on_epoch, require=metric, keep_last=True)
     m.on_end = lambda outcome: ended(trial, outcome)
     return m
+
+
+def resume(sweep, trial: optuna.Trial, parent: str | None, path: str):
+    """A retried member (its worker died) continuing from the last.ckpt its earlier attempt wrote
+    (stack_resume.py), as a stack of one through the stacked loop; returns its score as objective.run_trial does.
+    Its run logs the epochs from there on (tags lab.resume, lab.resumed_from)."""
+    from lab.sweep import objective, scores
+
+    outcomes = []
+    m = member(sweep, trial, parent, lambda _trial, outcome: outcomes.append(outcome))
+    m.resume_from = path
+    m.tags["lab.resumed_from"] = path
+    liveness.training(True)
+    stack_run.run([m], (objective.Progress(),), pulse=liveness.progressed, what=f"trial {trial.number}",
+                  tested=lambda: liveness.training(False))
+    (outcome,) = outcomes
+    if isinstance(outcome, objective.Pruned):
+        raise optuna.TrialPruned(str(outcome)) from outcome
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return scores.score(sweep.spec, trial, outcome)
 
 
 def run_stack(sweep, study: optuna.Study, trials: list[optuna.Trial], parent: str, uri: str, run_one) -> str:

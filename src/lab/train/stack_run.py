@@ -195,6 +195,8 @@ def close_run(m: Member, err: BaseException | None) -> None:
     """End the member's run as tracking.run ends one: FINISHED, KILLED on an interrupt, FAILED on an error."""
     if not isinstance(err, (KeyboardInterrupt, SystemExit)):
         flush(m)
+    else:  # a raw Ctrl-C: the epochs not yet handed to MLflow written, without waiting on the queued ones
+        write([m], synchronous=True)
     cm, m.open_cm = m.open_cm, None
     if cm is None:
         return
@@ -270,8 +272,12 @@ def train(stack: Stack, datamodule, members: list[Member], pulse: Callable[[], N
         epochs = int(cfg.trainer.max_epochs)
         start = stack_resume.restore(stack, members)
         for i, m in enumerate(members):
-            if m.resume and stack_resume.stopped(m):
-                stack.leave(i)  # it had stopped early: tested below
+            if m.resume and (stack_resume.stopped(m) or start >= epochs):
+                stack.leave(i)  # it had stopped early, or trained all its epochs: tested below
+                # Its last epoch's metrics, as a lone run resumed after its last epoch validates again (job.run):
+                # the values of the weights restored, at that epoch's step.
+                now = int(time.time() * 1000)
+                m.unwritten += [Metric(k, v, now, start - 1) for k, v in m.trained.items()]
         every_s = checkpoints.interval(cfg.checkpoint.last_every_s)
         written = saved = time.monotonic()
         for epoch in range(start, epochs):
