@@ -52,6 +52,8 @@ def share(v) -> bool:
     return number(v) and 0 <= v < 1
 
 
+PRECISIONS = {"auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
+              "transformer-engine-float16", "32", "16", "bf16", "64"}
 # key -> Rule. Keys absent from the composed config (momentum with Adam) are not checked.
 RULES: dict[str, Rule] = {
     "seed": Rule(lambda v: whole(v) and 0 <= v < 2**32, "a whole number in [0, 2**32) (what numpy's seeding takes)"),
@@ -82,6 +84,10 @@ RULES: dict[str, Rule] = {
     "model.net.channels": Rule(lambda v: widths(v) and len(v) > 0, "a list of channel counts >= 1, e.g. [32, 64]"),
     "trainer.max_epochs": Rule(lambda v: v is None or (whole(v) and (v >= 1 or v == -1)),
                                "a whole number of epochs >= 1 (-1: no limit)"),
+    # Lightning's names (its own check is a traceback when the trainer is built) and lab's "auto" (precision.py).
+    "trainer.precision": Rule(lambda v: str(v) in PRECISIONS,
+                              "auto (bf16 or fp16 autocast as the GPU computes natively, fp32 on a CPU), 32-true, "
+                              "bf16-mixed, 16-mixed, bf16-true, 16-true, 64-true or transformer-engine"),
     "mlflow.misclassified_per_class": Rule(lambda v: whole(v) and v >= 0,
                                            "a whole number of images >= 0 per true class (0: none logged)"),
     "mlflow.log_model": Rule(lambda v: isinstance(v, bool), "true or false"),

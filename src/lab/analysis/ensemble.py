@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from lab.analysis import models, results
 from lab.errors import LabError
 from lab.sweep import ranking
-from lab.train import metrics, rebuild, tracking
+from lab.train import metrics, precision, rebuild, tracking
 
 
 @dataclass
@@ -41,11 +41,9 @@ def member(client: MlflowClient, trial: int, run_id: str, test_sets: dict) -> Me
     data = test_sets[key]
     test = data.splits["test"]
     # The run's own batch size: the same sums in the same order as its test, so one member alone gives its test/acc.
-    # On a GPU, the bf16 autocast its test ran under (trainer.precision auto or bf16-mixed), as Lightning applies it.
-    precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
-    bf16 = (models.device().type == "cuda" and torch.cuda.is_bf16_supported()
-            and precision in ("auto", "bf16-mixed"))
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+    # On a GPU, the autocast its test ran under (bf16 or fp16 by its trainer.precision), as Lightning applies it.
+    dtype = precision.autocast_dtype(OmegaConf.select(cfg, "trainer.precision", default="32-true"), models.device())
+    with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
         probs = model.probabilities(test.x, batch_size=data.batch_size)
     return Member(trial, run_id, probs, test.y.cpu(), model.class_names)
 

@@ -19,7 +19,7 @@ from pytorch_lightning.plugins.environments import LightningEnvironment
 from lab import config_schema, settings
 from lab.data.folder import ImageFolder
 from lab.errors import LabError
-from lab.train import checkpoints, exported, measure, memory, misclassified, tracking
+from lab.train import checkpoints, exported, measure, memory, misclassified, precision, tracking
 from lab.train.checkpoints import LastCheckpoint
 from lab.train.module import Diverged
 
@@ -42,9 +42,8 @@ class EpochMLFlowLogger(MLFlowLogger):
 
 def trainer_kwargs(cfg: DictConfig) -> dict:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if kwargs.get("precision") == "auto":
-        # bf16 autocast on GPUs that have it (tensor cores, half the memory traffic); full fp32 on CPUs.
-        kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    # "auto": what this GPU's tensor cores compute natively (bf16, fp16 with a loss scaler, or fp32); fp32 on CPUs.
+    kwargs["precision"] = precision.resolve(kwargs.get("precision", "auto"), kwargs.get("accelerator", "auto"))
     # One process per run: inside a SLURM job (a `lab sweep --launcher slurm` task, an sbatch script) Lightning
     # would otherwise take the job's rank variables for its own and install its SIGUSR1 requeue handler, and on
     # any host with SLURM installed it hints about srun on every run.
@@ -90,9 +89,9 @@ def best_epoch(path: str | None) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def costs_of(cfg: DictConfig, datamodule, model, device: torch.device, bf16: bool,
+def costs_of(cfg: DictConfig, datamodule, model, device: torch.device, autocast: torch.dtype | None,
              costs: dict[str, float] | None = None) -> dict[str, float]:
-    """The net's cost metrics (flops, latency, throughput) measured where it trained (device, bf16), or costs
+    """The net's cost metrics (flops, latency, throughput) measured where it trained (device, autocast dtype), or costs
     when given: measured already on a net of the same structure (a stack's members share one measurement:
     they depend on the shapes, not the weights). {} when measure.enabled is false."""
     spec = cfg.get("measure") or {}
@@ -100,7 +99,7 @@ def costs_of(cfg: DictConfig, datamodule, model, device: torch.device, bf16: boo
         model.net.to(device)
         try:
             costs = measure.cost(model.net, tuple(datamodule.shape), int(spec.get("batch_size") or datamodule.batch_size),
-                                 float(spec.get("budget_s", 0.3)), bf16=bf16)
+                                 float(spec.get("budget_s", 0.3)), autocast=autocast)
         finally:
             model.net.to("cpu")
     return {k: v for k, v in (costs or {}).items() if k != "model/params"}
@@ -115,7 +114,7 @@ def test_and_record(cfg: DictConfig, client, run_id: str, uri: str, trainer: pl.
     client.set_tag(run_id, "lab.tested", weights)
     test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
     tested = Tested({k: float(v) for k, v in test.items()}, best, epoch, trainer.strategy.root_device,
-                    "bf16" in str(trainer.precision))
+                    precision.autocast_dtype(trainer.precision, trainer.strategy.root_device))
     return record(cfg, client, run_id, uri, datamodule, model, tested, require, trained, costs)
 
 
@@ -126,7 +125,7 @@ class Tested(typing.NamedTuple):
     best: str | None
     epoch: int
     device: torch.device
-    bf16: bool
+    autocast: torch.dtype | None  # what it computed in on a GPU (precision.autocast_dtype); None: fp32
 
 
 def record(cfg: DictConfig, client, run_id: str, uri: str, datamodule, model, tested: Tested, require: str | None,
@@ -147,7 +146,7 @@ def record(cfg: DictConfig, client, run_id: str, uri: str, datamodule, model, te
         tags["lab.monitor"] = str(cfg.monitor.metric)
     measured, failed = {}, None
     try:
-        measured = costs_of(cfg, datamodule, model, tested.device, tested.bf16, costs)
+        measured = costs_of(cfg, datamodule, model, tested.device, tested.autocast, costs)
     except Exception as err:  # noqa: BLE001 - raised again below, once what was tested is recorded
         failed = err
     tracking.log_test_report(client, run_id, model.test_report, step=tested.epoch,

@@ -1,7 +1,7 @@
 """What a trained net costs to run: parameters, forward FLOPs, latency and throughput on the trial's device.
 
 Measured the same way for every run so that sweeps can trade accuracy against cost: eval mode, no_grad, the
-training run's autocast (bf16 on a CUDA GPU that trains in bf16), channels_last on CUDA as in training, random
+training run's autocast on a CUDA GPU (bf16 or fp16, as it trains), channels_last on CUDA as in training, random
 normal input of the data's shape, warm-up excluded, CUDA synchronised around every timed call. Each timing
 loop stops after about budget_s / 2 seconds (at least one timed call), so a small net costs ~budget_s in all.
 """
@@ -47,21 +47,21 @@ def forward_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def cost(net: torch.nn.Module, in_shape: tuple[int, ...], batch_size: int = 64, budget_s: float = 0.3,
-         bf16: bool = False) -> dict[str, float]:
+         autocast: torch.dtype | None = None) -> dict[str, float]:
     """{model/params, model/flops (per image), model/latency_ms (batch 1, median), model/throughput (images/s
     at batch_size)} of net on the device its parameters are on. The net is left in the mode it was in."""
     params = next(net.parameters(), None)
     device = params.device if params is not None else torch.device("cpu")
     was_training = net.training
     net.eval()
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and device.type == "cuda"
-                else contextlib.nullcontext())
+    autocasting = (torch.autocast(device.type, dtype=autocast) if autocast is not None and device.type == "cuda"
+                   else contextlib.nullcontext())
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     g = torch.Generator().manual_seed(0)
     one = torch.randn(1, *in_shape, generator=g).to(device).contiguous(memory_format=memory_format)
     batch = torch.randn(batch_size, *in_shape, generator=g).to(device).contiguous(memory_format=memory_format)
     try:
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocasting:
             flops = forward_flops(net, one)
             latency = _timed(lambda: net(one), device, budget_s / 2, max_calls=200)
             per_batch = _timed(lambda: net(batch), device, budget_s / 2, max_calls=50)

@@ -22,7 +22,9 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from lab.config_schema import call_factory
+from lab.train import precision
 from lab.train.module import Classifier, Diverged
+from lab.train.stack_scaler import MemberScaler
 
 # Settings that change no tensor's shape nor the number of steps: members may differ in these (and only these).
 VALUE_KEYS = ("seed", "model.net.dropout", "model.label_smoothing", "model.l1", "mlflow.run_name")
@@ -211,10 +213,11 @@ class Stack:
         self.same_loss = len(smoothing) == 1
         clip = cfgs[0].trainer.get("gradient_clip_val")
         self.clip = float(clip) if clip else None
-        precision = str(cfgs[0].trainer.get("precision"))
-        bf16 = device.type == "cuda" and ("bf16" in precision or (precision == "auto" and torch.cuda.is_bf16_supported()))
-        self.bf16 = bf16
-        self.autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if bf16 else nullcontext
+        # The autocast Lightning would train each member under (precision.py); fp16 with a scale per member.
+        dtype = precision.autocast_dtype(cfgs[0].trainer.get("precision", "auto"), device)
+        self.autocast_dtype = dtype
+        self.autocast = (lambda: torch.autocast("cuda", dtype)) if dtype is not None else nullcontext
+        self.scaler = MemberScaler(self.k, device) if dtype is torch.float16 else None
 
         def one(params, buffers, x):
             return functional_call(self.template, (params, buffers), (x,))
@@ -290,13 +293,15 @@ class Stack:
             out = self._train_forward(params, buffers, x)
         self.keep_buffers(buffers)
         losses = self.losses(out, y)
-        total = losses.sum()
         rows = torch.tensor(self.active, device=self.device)
         l1 = self.l1.index_select(0, rows)
+        objective = losses  # (A,): each active member's own loss
         if bool((l1 > 0).any()):
-            total = total + (l1 * sum(p.abs().flatten(1).sum(1) for p in params.values())).sum()
+            objective = losses + l1 * sum(p.abs().flatten(1).sum(1) for p in params.values())
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        (self.scaler.scaled(objective, rows) if self.scaler else objective.sum()).backward()
+        if self.scaler:
+            self.scaler.unscale({i: self.params[i] for i in self.active})
         if self.clip:
             for i in self.active:
                 torch.nn.utils.clip_grad_norm_(self.params[i], self.clip)

@@ -373,7 +373,7 @@ def record(stack: Stack, datamodule, m: Member, i: int, uri: str, scalars: dict[
     try:
         with memory.guard(m.cfg):
             best = (m.best[1] or None) if m.best else None
-            tested = job.Tested(scalars, best, m.epochs, stack.device, stack.bf16)
+            tested = job.Tested(scalars, best, m.epochs, stack.device, stack.autocast_dtype)
             results = job.record(m.cfg, m.client, m.run_id, uri, datamodule, stack.models[i], tested, m.require,
                                  m.trained, costs, log_scalars=True,
                                  tags={"lab.tested": f"best epoch: {best}" if best else "final weights"})
