@@ -13,16 +13,48 @@ STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3
 
 
 def fashion_raw(tmp: Path) -> Path:
-    """torchvision's FashionMNIST reads uncompressed files from root/FashionMNIST/raw/; returns root."""
+    """torchvision's FashionMNIST reads uncompressed files from root/FashionMNIST/raw/; returns root. Without
+    Debian's files (a GPU machine's bare image, no internet) they are Fashion-MNIST-shaped synthetic ones
+    (fashion_like): the same sizes, so the same throughput; `source` says which the numbers came from."""
+    global source
     raw = tmp / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
+    if not all((FASHION_GZ / f"{stem}.gz").is_file() for stem in STEMS):
+        print(f"bench: {FASHION_GZ} is missing (apt install dataset-fashion-mnist): synthetic images of "
+              "Fashion-MNIST's shape instead", flush=True)
+        source = "synthetic, Fashion-MNIST-shaped"
+        fashion_like(raw, gz=False)
+        return tmp
     for stem in STEMS:
-        src = FASHION_GZ / f"{stem}.gz"
-        if not src.is_file():
-            raise SystemExit(f"bench: {src} is missing (apt install dataset-fashion-mnist)")
-        with gzip.open(src) as fin, open(raw / stem, "wb") as fout:
+        with gzip.open(FASHION_GZ / f"{stem}.gz") as fin, open(raw / stem, "wb") as fout:
             shutil.copyfileobj(fin, fout)
+    source = "Fashion-MNIST"
     return tmp
+
+
+source = "Fashion-MNIST"
+
+
+def write_idx(path: Path, data: torch.Tensor, gz: bool) -> None:
+    """The IDX format (big-endian dims after a magic of 0, 0, type 0x08 = ubyte, rank) of uint8 data."""
+    header = bytes([0, 0, 0x08, data.dim()]) + b"".join(int(n).to_bytes(4, "big") for n in data.shape)
+    with (gzip.open(path, "wb", compresslevel=1) if gz else open(path, "wb")) as f:
+        f.write(header + data.contiguous().numpy().tobytes())
+
+
+def fashion_like(folder: Path, gz: bool = True, n_train: int = 60000, n_test: int = 10000) -> Path:
+    """The four Fashion-MNIST files (STEMS, .gz when gz) of n_train / n_test 28x28 uint8 images in 10 classes:
+    a smooth template per class plus noise, so a CNN learns them (not to Fashion-MNIST's accuracy)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    templates = torch.nn.functional.interpolate(torch.rand(10, 1, 7, 7, generator=g), size=(28, 28), mode="bilinear")
+    for images, labels, n in ((STEMS[0], STEMS[1], n_train), (STEMS[2], STEMS[3], n_test)):
+        y = torch.randint(0, 10, (n,), generator=g)
+        x = (templates[y, 0] * 180 + torch.rand(n, 28, 28, generator=g) * 75).clamp(0, 255).to(torch.uint8)
+        suffix = ".gz" if gz else ""
+        write_idx(folder / f"{images}{suffix}", x, gz)
+        write_idx(folder / f"{labels}{suffix}", y.to(torch.uint8), gz)
+    return folder
 
 
 def fashion_tensors(root: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -198,7 +198,8 @@ def write_results(out: dict, command: str) -> None:
     lines = [f"\n## {out['date']}: {out['device']}\n",
              f"torch {out['torch']}, pytorch-lightning {out['lightning']}, torchmetrics {out['torchmetrics']}, "
              f"{out['torch_threads']} torch thread(s) in the bench process; "
-             f"1-minute load average before/after {out['loadavg_1m']}; {out['wall_s']} s in all. `{command}`\n",
+             f"1-minute load average before/after {out['loadavg_1m']}; {out['wall_s']} s in all; data: {out['data']}. "
+             f"`{command}`\n",
              "| workload | pipeline | batch | throughput | ratio | per CPU-s | ratio | note |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in out["rows"]:
@@ -273,7 +274,7 @@ def main() -> None:
 
     out = {
         **{k: round(v, 3) for k, v in ratios.items()},
-        "device": device_name(device), "torch": torch.__version__, "lightning": pl.__version__,
+        "data": fixtures.source, "device": device_name(device), "torch": torch.__version__, "lightning": pl.__version__,
         "torchmetrics": torchmetrics.__version__, "torch_threads": torch.get_num_threads(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],

@@ -2,6 +2,7 @@
 (lab/train/stack_scaler.py). No GPU here: the capability torch reports is what the tests set."""
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from lab import config_schema
 from lab.config import load
@@ -131,3 +132,11 @@ def test_a_precision_lightning_does_not_know_is_one_sentence_before_anything_tra
         config_schema.check_rules(load(["data=digits", "model=mlp", "trainer.precision=bf17"]))
     for named in sorted(config_schema.PRECISIONS - {"auto", "transformer-engine", "transformer-engine-float16"}):
         config_schema.check_rules(load(["data=digits", "model=mlp", f"trainer.precision={named}"]))
+
+
+def test_a_run_records_the_precision_it_trained_in(tmp_path, mlflow_uri):
+    job.run(load([*MLP, "trainer.max_epochs=1", "mlflow.log_model=false"]), tmp_path / "run", run_name="p")
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("lab").experiment_id], "attributes.run_name = 'p'")
+    assert run.data.tags["lab.precision"] == "32-true"
+    assert run.data.params["trainer.precision"] == "auto"  # what was asked, beside what it became

@@ -219,6 +219,7 @@ def run(cfg: DictConfig, out_dir: str | Path, callbacks: tuple[Callback, ...] = 
         placed = datamodule.decide_placement(trainer.strategy.root_device)
         client.set_tag(run_id, "lab.data_placement", placed.name)  # resident or stream, and the sizes that chose it
         client.set_tag(run_id, "lab.data_placement_reason", placed.why)
+        client.set_tag(run_id, "lab.precision", str(trainer.precision))  # what trainer.precision=auto became here
         log.info("data %s: %s", placed.name, placed.why)
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         if trainer.interrupted:  # Lightning swallowed a SIGTERM/Ctrl-C and returned normally

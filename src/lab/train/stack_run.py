@@ -21,7 +21,7 @@ from mlflow.entities import Metric
 from omegaconf import DictConfig
 
 from lab import config_schema
-from lab.train import checkpoints, job, memory, stack_resume, tracking
+from lab.train import checkpoints, job, memory, precision, stack_resume, tracking
 from lab.train.stack import CannotStack, Stack, build_members, static_reason
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,9 @@ def open_run(m: Member, datamodule, model, uri: str) -> None:
     placement = {"lab.data_placement": placed.name, "lab.data_placement_reason": placed.why} if placed else {}
     m.open_cm = tracking.run(uri, m.cfg.mlflow.experiment, m.run_name, m.parent_run_id,
                              {"seed": str(m.cfg.seed), "data": datamodule.name, "model": type(model.net).__name__,
-                              "lab.stacked": "true", **placement, **m.tags},
+                              "lab.stacked": "true", **placement, **m.tags,
+                              "lab.precision": precision.resolve(m.cfg.trainer.get("precision", "auto"),
+                                                                 m.cfg.trainer.get("accelerator", "auto"))},
                              name_prefix=job.run_name_prefix(m.cfg, datamodule, model))
     m.client, m.run_id = m.open_cm.__enter__()
     if m.on_run is not None:
