@@ -50,7 +50,7 @@ def fashion_like(folder: Path, gz: bool = True, n_train: int = 60000, n_test: in
     templates = torch.nn.functional.interpolate(torch.rand(10, 1, 7, 7, generator=g), size=(28, 28), mode="bilinear")
     for images, labels, n in ((STEMS[0], STEMS[1], n_train), (STEMS[2], STEMS[3], n_test)):
         y = torch.randint(0, 10, (n,), generator=g)
-        x = (templates[y, 0] * 180 + torch.rand(n, 28, 28, generator=g) * 75).clamp(0, 255).to(torch.uint8)
+        x = (templates[y, 0] * 60 + torch.rand(n, 28, 28, generator=g) * 195).to(torch.uint8)
         suffix = ".gz" if gz else ""
         write_idx(folder / f"{images}{suffix}", x, gz)
         write_idx(folder / f"{labels}{suffix}", y.to(torch.uint8), gz)
