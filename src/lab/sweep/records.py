@@ -13,7 +13,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from lab import figures
 from lab.errors import LabError
 from lab.sweep import budget, patience, ranking, trial_record
 from lab.sweep import study as studies
@@ -224,6 +223,8 @@ def log_summary(client: MlflowClient, run_id: str, study: optuna.Study) -> list[
         writer.writeheader()
         writer.writerows(rows)
         client.log_text(run_id, buf.getvalue(), "trials.csv")
+    from lab import figures  # matplotlib (0.4 s of import): only a sweep's parent draws, not every worker
+
     skipped = []
     for name in figures.plots_for(study):
         try:
