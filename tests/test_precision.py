@@ -30,7 +30,7 @@ def test_auto_is_what_the_gpu_computes_natively_not_what_it_emulates(monkeypatch
 
 
 def test_rocm_gets_bf16(monkeypatch):
-    gpu(monkeypatch, (9, 4), rocm=True)
+    gpu(monkeypatch, (7, 5), rocm=True)  # what the capability alone would make 16-mixed
     assert precision.resolve("auto") == "bf16-mixed"
 
 
@@ -140,3 +140,13 @@ def test_a_run_records_the_precision_it_trained_in(tmp_path, mlflow_uri):
     (run,) = client.search_runs([client.get_experiment_by_name("lab").experiment_id], "attributes.run_name = 'p'")
     assert run.data.tags["lab.precision"] == "32-true"
     assert run.data.params["trainer.precision"] == "auto"  # what was asked, beside what it became
+
+
+@pytest.mark.parametrize("named", ["16-true", "bf16-true", "64-true"])
+def test_a_precision_that_casts_the_whole_model_trains_members_alone(named):
+    cfgs = [load([*MLP, f"seed={i}", f"trainer.precision={named}"]) for i in range(2)]
+    datamodule = job.instantiate(cfgs[0].data)
+    datamodule.setup("fit")
+    models, generators = stack.build_members(cfgs, datamodule)
+    with pytest.raises(stack.CannotStack, match=f"trainer.precision={named} casts the whole model"):
+        stack.Stack(cfgs, models, generators, datamodule, torch.device("cpu"))

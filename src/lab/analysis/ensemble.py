@@ -42,7 +42,10 @@ def member(client: MlflowClient, trial: int, run_id: str, test_sets: dict) -> Me
     test = data.splits["test"]
     # The run's own batch size: the same sums in the same order as its test, so one member alone gives its test/acc.
     # On a GPU, the autocast its test ran under (bf16 or fp16 by its trainer.precision), as Lightning applies it.
-    dtype = precision.autocast_dtype(OmegaConf.select(cfg, "trainer.precision", default="32-true"), models.device())
+    # lab.precision: what "auto" became where it trained (a V100's 16-mixed, even when ensembled on an A100).
+    trained_in = client.get_run(run_id).data.tags.get("lab.precision") or OmegaConf.select(
+        cfg, "trainer.precision", default="32-true")
+    dtype = precision.autocast_dtype(trained_in, models.device())
     with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
         probs = model.probabilities(test.x, batch_size=data.batch_size)
     return Member(trial, run_id, probs, test.y.cpu(), model.class_names)

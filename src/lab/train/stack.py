@@ -30,6 +30,8 @@ from lab.train.stack_scaler import MemberScaler
 VALUE_KEYS = ("seed", "model.net.dropout", "model.label_smoothing", "model.l1", "mlflow.run_name")
 VALUE_PREFIXES = ("model.optimizer.",)  # every optimizer setting but its class
 STRUCTURAL_UNDER_VALUES = ("model.optimizer._target_", "model.optimizer._partial_")
+# What a stack's autocast implements of trainer.precision (the "-true" halves and 64 cast the whole model).
+STACKED_PRECISIONS = {"auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16"}
 # Trainer settings the stacked loop implements; any other set to a non-default value trains members alone.
 TRAINER_KEYS = {"max_epochs", "accelerator", "devices", "precision", "deterministic", "num_sanity_val_steps",
                 "log_every_n_steps", "enable_progress_bar", "enable_model_summary", "gradient_clip_val",
@@ -214,7 +216,11 @@ class Stack:
         clip = cfgs[0].trainer.get("gradient_clip_val")
         self.clip = float(clip) if clip else None
         # The autocast Lightning would train each member under (precision.py); fp16 with a scale per member.
-        dtype = precision.autocast_dtype(cfgs[0].trainer.get("precision", "auto"), device)
+        named = str(cfgs[0].trainer.get("precision", "auto"))
+        if named not in STACKED_PRECISIONS:  # Lightning casts the whole model for these; the stack only autocasts
+            raise CannotStack(f"trainer.precision={named} casts the whole model; a stack trains in "
+                              f"{', '.join(sorted(STACKED_PRECISIONS))}")
+        dtype = precision.autocast_dtype(named, device)
         self.autocast_dtype = dtype
         self.autocast = (lambda: torch.autocast("cuda", dtype)) if dtype is not None else nullcontext
         self.scaler = MemberScaler(self.k, device) if dtype is torch.float16 else None
@@ -292,7 +298,7 @@ class Stack:
         with self.autocast():
             out = self._train_forward(params, buffers, x)
         self.keep_buffers(buffers)
-        losses = self.losses(out, y)
+        losses = self.losses(out.float(), y)  # in fp32, as Lightning's autocast computes a cross-entropy
         rows = torch.tensor(self.active, device=self.device)
         l1 = self.l1.index_select(0, rows)
         objective = losses  # (A,): each active member's own loss
@@ -329,7 +335,7 @@ class Stack:
                 out = self._eval_forward(params, buffers, x)
             for k, i in enumerate(self.active):
                 m = self.models[i]
-                m.val_loss.update(m._loss(out[k], y, reduction="none"))  # noqa: SLF001 - the Classifier's own loss
+                m.val_loss.update(m._loss(out[k].float(), y, reduction="none"))  # noqa: SLF001 - the Classifier's own loss
                 m.val_metrics.update(m.class_logits(out[k]), y)
         metrics = {}
         for i in self.active:
@@ -359,7 +365,7 @@ class Stack:
             with self.autocast():
                 out = self._eval_forward(params, buffers, x)  # (members, B, outputs)
             for k, i in enumerate(members):
-                self.models[i].test_outputs(out[k], y)
+                self.models[i].test_outputs(out[k].float(), y)
             pulse()
         return {i: self.models[i].test_results() for i in members}
 

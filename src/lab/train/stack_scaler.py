@@ -30,7 +30,7 @@ class MemberScaler:
             inverse = 1.0 / self.scale[i]  # a 0-d tensor on the device: no host sync here
             for g in grads:
                 g.mul_(inverse)
-            finite.append(torch.stack([g.isfinite().all() for g in grads]).all() if grads else torch.tensor(True))
+            finite.append(torch.stack([g.isfinite().all() for g in grads]).all() if grads else torch.ones((), dtype=torch.bool, device=self.scale.device))
         skipped = []
         for i, ok in zip(members, torch.stack(finite).tolist()):
             if ok:
