@@ -106,11 +106,11 @@ def stream(s: Smoke) -> str:
     return f"test/acc {run.data.metrics['test/acc']:.3f}"
 
 
-def sweep_file(s: Smoke, study: str, extra: str = "") -> Path:
+def sweep_file(s: Smoke, study: str, extra: str = "", precision_: str = "auto") -> Path:
     path = s.tmp / f"{study}.yaml"
     path.write_text(f"""study: {study}
 experiment: fashion_mnist_cnn
-overrides: [trainer.max_epochs=2, "data.root={s.root}", trainer.enable_progress_bar=false]
+overrides: [trainer.max_epochs=2, "data.root={s.root}", trainer.enable_progress_bar=false, trainer.precision={precision_}]
 metric: val/acc
 direction: maximize
 n_trials: 4
@@ -123,8 +123,8 @@ pruner: {{name: none}}
     return path
 
 
-def sweep(s: Smoke, study: str, extra: str = "") -> str:
-    path = sweep_file(s, study, extra)
+def sweep(s: Smoke, study: str, extra: str = "", precision_: str = "auto") -> str:
+    path = sweep_file(s, study, extra, precision_)
     workers = ["--workers-per-gpu", "auto"] if s.cuda else ["--workers", "2"]
     out = s.lab("sweep", str(path), "--storage", str(s.tmp / f"{study}.journal"), "--no-live", *workers, timeout=480)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(s.tmp / f"{study}.journal")))
@@ -139,16 +139,16 @@ def sweep(s: Smoke, study: str, extra: str = "") -> str:
     assert len(children) == 4, f"{len(children)} trial runs in MLflow"
     assert {r.data.tags.get("mlflow.parentRunId") for r in children} == {parent.info.run_id}, "not nested"
     precisions = {r.data.tags.get("lab.precision") for r in children}
-    assert precisions == {s.want_precision()}, precisions
+    assert precisions == {precision.resolve(precision_, "cuda" if s.cuda else "cpu")}, precisions
     lines = [line for line in out.splitlines() if "per GPU" in line or "stack" in line or "workers" in line]
     best = max(t.value for t in trials if t.value is not None)
     return f"best val/acc {best:.3f}; " + " / ".join(line.strip()[:120] for line in lines[:2])
 
 
-def stacked(s: Smoke) -> str:
-    line = sweep(s, "smoke_stack", "stack: 4\n")
+def stacked(s: Smoke, study: str = "smoke_stack", precision_: str = "auto") -> str:
+    line = sweep(s, study, "stack: 4\n", precision_)
     client = MlflowClient(s.uri)
-    experiment = client.get_experiment_by_name("smoke_stack")
+    experiment = client.get_experiment_by_name(study)
     members = client.search_runs([experiment.experiment_id], "tags.`lab.stacked` = 'true'")
     assert members, "no run was trained in a stack"
     return f"{len(members)} stacked member runs; {line}"
@@ -204,6 +204,8 @@ def main() -> None:
     s.check("lab train (stream)", lambda: stream(s))
     s.check("lab sweep", lambda: sweep(s, "smoke"))
     s.check("lab sweep (stack: 4)", lambda: stacked(s))
+    if cuda:  # the fp16 path of a 7.x GPU (a T4, a V100): autocast under vmap, a loss scale per member
+        s.check("stack: 4, 16-mixed", lambda: stacked(s, "smoke_fp16", "16-mixed"))
     s.check("lab predict", lambda: predict(s, args.images))
     s.check("lab ensemble --top 3", lambda: ensemble(s))
     summary = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
