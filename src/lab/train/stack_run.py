@@ -110,8 +110,7 @@ def why_not(members: list[Member], datamodule=None) -> tuple[str | None, Any]:
 
 
 def device_of(cfg: DictConfig) -> torch.device:
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+    if precision.on_gpu(cfg.trainer.get("accelerator", "auto")):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
